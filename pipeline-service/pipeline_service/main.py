@@ -1,0 +1,40 @@
+"""Builds the FastAPI application; routes live in ``api/routes``."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from pipeline_service.api.routes import health, ingest, records
+from pipeline_service.config import Settings, get_settings
+from pipeline_service.db import create_db_engine
+from pipeline_service.errors import install_error_handlers
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The pipeline API bound to ``settings`` (the environment's when not given)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.pipeline_api_key:
+            log.warning("PIPELINE_API_KEY is not set: POST endpoints accept anyone")
+        yield
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="pipeline-service",
+        summary="Paginated REST API -> PostgreSQL ingest, re-served with pagination",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = create_db_engine(settings)
+    install_error_handlers(app)
+    api = APIRouter(prefix="/api")
+    for module in (health, ingest, records):
+        api.include_router(module.router)
+    app.include_router(api)
+    return app

@@ -1,0 +1,76 @@
+"""The resources the pipeline knows, as data: one entry drives both the ingest and the API.
+
+Adding a resource means adding an entry here, a model, a schema and a migration.
+"""
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from sqlalchemy import Column, Table
+
+from pipeline_service.models import Customer, Machine, MachineReading
+from pipeline_service.schemas import CustomerRecord, MachineRecord, ReadingRecord
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A resource whose rows must exist before a child row can reference them."""
+
+    resource: str
+    column: str
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    """URL segment on both services and the value of ``?resource=``."""
+    source_path: str
+    """Path of the paginated collection on the source API."""
+    table: Table
+    record: type[BaseModel]
+    """Validates a source record and shapes the re-served one."""
+    key: tuple[str, ...]
+    parent: Parent | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The record's fields, which are also its column names, in schema order."""
+        return tuple(self.record.model_fields)
+
+    @property
+    def columns(self) -> list[Column]:
+        return [self.table.c[name] for name in self.fields]
+
+    @property
+    def key_columns(self) -> list[Column]:
+        return [self.table.c[name] for name in self.key]
+
+    def key_of(self, record: BaseModel) -> tuple:
+        return tuple(getattr(record, name) for name in self.key)
+
+
+CUSTOMERS = Resource(
+    name="customers",
+    source_path="/api/customers",
+    table=Customer.__table__,
+    record=CustomerRecord,
+    key=("customer_id",),
+)
+MACHINES = Resource(
+    name="machines",
+    source_path="/api/machines",
+    table=Machine.__table__,
+    record=MachineRecord,
+    key=("machine_id",),
+)
+READINGS = Resource(
+    name="readings",
+    source_path="/api/readings",
+    table=MachineReading.__table__,
+    record=ReadingRecord,
+    key=("machine_id", "timestamp"),
+    parent=Parent(resource="machines", column="machine_id"),
+)
+
+RESOURCES: dict[str, Resource] = {r.name: r for r in (CUSTOMERS, MACHINES, READINGS)}
+"""Every resource, in the order an ingest takes them (parents before children)."""

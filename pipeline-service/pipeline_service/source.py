@@ -1,0 +1,185 @@
+"""The paginated source API: one HTTP client with bounded retries, and one paginator."""
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+import requests
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from pipeline_service.config import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class SourceError(Exception):
+    """The source could not give a usable answer; ``url`` names what was asked for."""
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(f"source {url}: {cause}")
+        self.url = url
+        self.cause = cause
+
+
+class TransientSourceError(SourceError):
+    """A failure worth retrying: the next attempt may well succeed."""
+
+    def __init__(self, url: str, cause: str, retry_after: float | None = None) -> None:
+        super().__init__(url, cause)
+        self.retry_after = retry_after
+
+
+@dataclass
+class SourcePage:
+    records: list[Any]
+    total: int
+
+
+class SourceClient:
+    """Fetches pages from the source API, retrying transient failures within set bounds.
+
+    Connect errors, timeouts, 429 and 5xx answers, bodies cut short and bodies that are not
+    JSON are retried with exponential backoff and jitter (``Retry-After`` wins when given),
+    at most ``source_max_attempts`` times and ``source_give_up_seconds`` in all. Any other
+    failure, such as a 400 or 404, raises :class:`SourceError` at once.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.mock_server_url
+        self.timeout = (settings.source_connect_timeout, settings.source_read_timeout)
+        self.session = requests.Session()
+        self._backoff = wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5)
+        self._retrying = Retrying(
+            retry=retry_if_exception_type(TransientSourceError),
+            stop=stop_after_attempt(settings.source_max_attempts)
+            | stop_after_delay(settings.source_give_up_seconds),
+            wait=self._wait,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def get_page(self, path: str, page: int, limit: int) -> SourcePage:
+        """One page of a collection; raises :class:`SourceError` when it cannot be had."""
+        url = f"{self.base_url}{path}"
+        params = {"page": page, "limit": limit}
+        payload = self._retrying(self._get_json, url, params)
+        return _parse_page(f"{url}?page={page}&limit={limit}", payload)
+
+    def _get_json(self, url: str, params: dict[str, int]) -> Any:
+        shown = f"{url}?page={params['page']}&limit={params['limit']}"
+        try:
+            response = self.session.get(url, params=params, timeout=self.timeout)
+            body = response.content
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TransientSourceError(shown, _short(exc)) from exc
+        except requests.RequestException as exc:  # body cut short, bad encoding, ...
+            raise TransientSourceError(shown, f"broken response: {_short(exc)}") from exc
+        if response.status_code in RETRY_STATUSES:
+            raise TransientSourceError(
+                shown,
+                f"answered HTTP {response.status_code}",
+                retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        if response.status_code != 200:
+            raise SourceError(shown, f"answered HTTP {response.status_code}: {body[:200]!r}")
+        try:
+            return _loads(body)
+        except ValueError as exc:
+            raise TransientSourceError(shown, f"answered with invalid JSON ({exc})") from exc
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = self._backoff(state)
+        if isinstance(exc, TransientSourceError) and exc.retry_after is not None:
+            return max(exc.retry_after, 0.0)
+        return backoff
+
+    @staticmethod
+    def _log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s; retrying in %.2fs (attempt %d)",
+            exc,
+            state.next_action.sleep if state.next_action else 0,
+            state.attempt_number,
+        )
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson refuses integers beyond 64 bits; the standard parser reads any valid JSON,
+        # so one hostile number cannot take its whole page down.
+        return json.loads(body)
+
+
+def _parse_page(url: str, payload: Any) -> SourcePage:
+    if not isinstance(payload, dict):
+        raise SourceError(url, "answer is not a JSON object")
+    records, total = payload.get("data"), payload.get("total")
+    if not isinstance(records, list):
+        raise SourceError(url, "answer has no 'data' array")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise SourceError(url, "answer has no valid 'total'")
+    return SourcePage(records=records, total=total)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        from datetime import datetime, timezone
+
+        return (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+@dataclass
+class PageNumberPaginator:
+    """Walks 1-based pages of ``limit`` records until ``total`` is covered or a page is empty.
+
+    Fresh per resource and run; ``stop_reason`` says why the walk ended.
+    """
+
+    limit: int
+    page: int = 1
+    total: int | None = None
+    has_next_page: bool = True
+    stop_reason: str | None = field(default=None)
+
+    def update_state(self, fetched: SourcePage) -> None:
+        self.total = fetched.total
+        pages = math.ceil(fetched.total / self.limit)
+        if not fetched.records:
+            self.has_next_page, self.stop_reason = False, f"page {self.page} was empty"
+        elif self.page >= pages:
+            self.has_next_page, self.stop_reason = False, f"page {self.page} of {pages} reached"
+        else:
+            self.page += 1
