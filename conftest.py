@@ -6,6 +6,7 @@ DATABASE; otherwise a private embedded server in a temporary directory.
 """
 
 import json
+from contextlib import closing
 import os
 import tempfile
 import threading
@@ -57,7 +58,7 @@ def template_database(pg_server_url: str) -> Iterator[str]:
     from alembic.config import Config
 
     name = f"pipeline_tpl_{os.getpid()}"
-    with _admin(pg_server_url) as conn, conn.cursor() as cur:
+    with closing(_admin(pg_server_url)) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     config = Config(str(ROOT / "alembic.ini"))
@@ -65,7 +66,7 @@ def template_database(pg_server_url: str) -> Iterator[str]:
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
     yield name
-    with _admin(pg_server_url) as conn, conn.cursor() as cur:
+    with closing(_admin(pg_server_url)) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
@@ -73,14 +74,14 @@ def template_database(pg_server_url: str) -> Iterator[str]:
 def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database owned by this test alone."""
     name = f"pipeline_test_{uuid.uuid4().hex[:12]}"
-    with _admin(pg_server_url) as conn, conn.cursor() as cur:
+    with closing(_admin(pg_server_url)) as conn, conn.cursor() as cur:
         cur.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
                 sql.Identifier(name), sql.Identifier(template_database)
             )
         )
     yield _with_database(pg_server_url, name)
-    with _admin(pg_server_url) as conn, conn.cursor() as cur:
+    with closing(_admin(pg_server_url)) as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 

@@ -17,7 +17,9 @@ target_metadata = Base.metadata
 
 def database_url() -> str:
     """A URL handed over by a caller (tests) wins; otherwise DATABASE_URL via Settings."""
-    return config.attributes.get("database_url") or Settings().database_url
+    given = config.attributes.get("database_url")
+    settings = Settings(database_url=given) if given else Settings()
+    return settings.database_url
 
 
 def run_migrations_offline() -> None:

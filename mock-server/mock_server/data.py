@@ -52,8 +52,6 @@ class Dataset:
 
 
 _WS = re.compile(r"[ \t\n\r]*")
-# A JSON string (kept verbatim) or a run of whitespace between tokens (dropped).
-_STRING_OR_WS = re.compile(r'("(?:[^"\\]|\\.)*")|[ \t\n\r]+', re.DOTALL)
 
 
 def _reject_constant(name: str) -> float:
@@ -63,19 +61,12 @@ def _reject_constant(name: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _compact(raw: str) -> str:
-    """The same JSON text without whitespace between tokens; every token stays byte-identical."""
-    if " " not in raw and "\n" not in raw and "\t" not in raw and "\r" not in raw:
-        return raw
-    return _STRING_OR_WS.sub(r"\1", raw)
-
-
 def split_array(text: str) -> Iterator[tuple[str, object]]:
     """Yield (raw text, decoded value) for each element of the JSON array in `text`.
 
-    The raw text is the element exactly as written, minus whitespace between tokens, so
-    numbers such as 1e400 or 30-digit integers keep their spelling. Raises ValueError
-    (json.JSONDecodeError for syntax errors) when `text` is not one JSON array.
+    The raw text is the element exactly as written (numbers such as 1e400 or 30-digit
+    integers keep their spelling). Raises ValueError (json.JSONDecodeError for syntax
+    errors) when `text` is not one JSON array; NaN and Infinity are rejected.
     """
     pos = _WS.match(text).end()
     if text[pos : pos + 1] != "[":
@@ -86,7 +77,7 @@ def split_array(text: str) -> Iterator[tuple[str, object]]:
     else:
         while True:
             value, end = _DECODER.raw_decode(text, pos)
-            yield _compact(text[pos:end]), value
+            yield text[pos:end], value
             separator_at = _WS.match(text, end).end()
             separator = text[separator_at : separator_at + 1]
             if separator not in (",", "]"):

@@ -37,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.schema import CreateTable
 
 from pipeline_service.models import IngestRun, IngestRunResource, RejectedRecord
 from pipeline_service.resources import RESOURCES, Resource
@@ -172,10 +173,7 @@ class PageWriter:
         )
         # xmax is 0 only for a freshly inserted row version.
         self.upsert = stmt.returning(literal_column("xmax = 0").label("inserted"))
-        self.create_stage = text(
-            f'CREATE TEMPORARY TABLE IF NOT EXISTS "{self.stage.name}" '
-            f'(LIKE "{target.name}") ON COMMIT DELETE ROWS'
-        )
+        self.create_stage = CreateTable(self.stage, if_not_exists=True)
         self.copy_sql = 'COPY "{}" ({}) FROM STDIN'.format(
             self.stage.name, ", ".join(f'"{f}"' for f in self.fields)
         )

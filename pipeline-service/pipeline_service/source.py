@@ -61,7 +61,7 @@ class SourceClient:
         self.base_url = settings.mock_server_url
         self.timeout = (settings.source_connect_timeout, settings.source_read_timeout)
         self.session = requests.Session()
-        self._backoff = wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5)
+        self._backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5)
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientSourceError),
             stop=stop_after_attempt(settings.source_max_attempts)
