@@ -94,18 +94,60 @@ def db(database_url: str) -> Iterator[Any]:
 
 
 class ServedSource:
-    """The real mock server app, served over HTTP on a loopback port from a thread."""
+    """The real mock server app, served over HTTP on a loopback port from a thread.
+
+    ``requests`` logs the query string of every data request; a test can make the source
+    fail on purpose with ``fail_with(status, after=n)`` and heal it with ``heal()``.
+    """
 
     def __init__(self, data_dir: Path, **config: Any) -> None:
         from mock_server.app import create_app
         from werkzeug.serving import make_server
 
         self.data_dir = data_dir
-        app = create_app({"DATA_DIR": str(data_dir), **config})
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.app = create_app({"DATA_DIR": str(data_dir), **config})
+        self.requests: list[str] = []
+        self._failure: tuple[int, int, dict[str, str]] | None = None
+        self._lock = threading.Lock()
+        self.server = make_server("127.0.0.1", 0, self._serve, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def fail_with(self, status: int, after: int = 0, headers: dict[str, str] | None = None):
+        """Answer ``status`` to every data request once ``after`` more have succeeded."""
+        with self._lock:
+            self._failure = (status, len(self.requests) + after, headers or {})
+
+    def heal(self) -> None:
+        with self._lock:
+            self._failure = None
+
+    def _serve(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/api/health":
+            return self.app(environ, start_response)
+        with self._lock:
+            seen = len(self.requests)
+            self.requests.append(f"{path}?{environ.get('QUERY_STRING', '')}")
+            failure = self._failure
+        if failure is not None and seen >= failure[1]:
+            status, _, headers = failure
+            start_response(
+                f"{status} Injected",
+                [("Content-Type", "application/json"), *headers.items()],
+            )
+            return [b'{"error": "injected failure"}']
+        return self.app(environ, start_response)
+
+    def pages_requested(self, path: str) -> list[int]:
+        from urllib.parse import parse_qs
+
+        return [
+            int(parse_qs(q.partition("?")[2]).get("page", ["1"])[0])
+            for q in self.requests
+            if q.partition("?")[0] == path
+        ]
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 03:16:55.540102
+Create Date: 2026-11-22 03:20:40.808592
 """
 
 from collections.abc import Sequence
@@ -28,6 +28,7 @@ def upgrade() -> None:
     sa.Column('date_of_birth', sa.Date(), nullable=True),
     sa.Column('account_balance', sa.Numeric(precision=15, scale=2), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('source_hash', sa.Uuid(), nullable=True),
     sa.Column('ingested_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.PrimaryKeyConstraint('customer_id', name=op.f('pk_customers'))
@@ -49,6 +50,7 @@ def upgrade() -> None:
     sa.Column('location', sa.String(length=255), nullable=False),
     sa.Column('status', sa.String(length=20), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('source_hash', sa.Uuid(), nullable=True),
     sa.Column('ingested_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint("status IN ('IDLE', 'STARTED', 'COMPLETED', 'ERROR')", name=op.f('ck_machines_status')),
@@ -75,6 +77,7 @@ def upgrade() -> None:
     sa.Column('temperature', sa.Double(), nullable=False),
     sa.Column('speed', sa.Double(), nullable=False),
     sa.Column('status', sa.String(length=20), nullable=False),
+    sa.Column('source_hash', sa.Uuid(), nullable=True),
     sa.Column('ingested_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint("status IN ('IDLE', 'STARTED', 'COMPLETED', 'ERROR')", name=op.f('ck_machine_readings_status')),

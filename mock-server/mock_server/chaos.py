@@ -8,6 +8,7 @@ the WSGI environ.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import random
@@ -141,6 +142,15 @@ class ChaosSettings:
         """Fraction of data requests that do not pass through untouched."""
         return self.error_rate + self.rate_limit_rate + self.truncate_rate + self.reset_rate
 
+    def describe(self) -> str:
+        """One line: the seed and every other setting that differs from its default."""
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name != "seed" and getattr(self, f.name) != f.default
+        ]
+        return ", ".join([f"seed={self.seed}", *changed])
+
     @property
     def enabled(self) -> bool:
         """Whether chaos changes anything at all."""
@@ -197,11 +207,9 @@ def reset_connection(sock: socket.socket) -> None:
     set to zero that final close sends a TCP RST. The server's own write then fails
     with EPIPE, which gunicorn and werkzeug both treat as a dropped client.
     """
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def cut_short(part: bytes, sock: socket.socket | None) -> Iterator[bytes]:
@@ -210,7 +218,5 @@ def cut_short(part: bytes, sock: socket.socket | None) -> Iterator[bytes]:
     if part:
         yield part
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def when_ready(server: Any) -> None:
         urls = ", ".join(str(listener) for listener in server.LISTENERS)
-        extra = f"; chaos on: {chaos}" if chaos.enabled else ""
-        server.log.info("mock-server: serving %s at %s (%s)%s", state.data_dir, urls, counts, extra)
+        extra = f"; chaos: {chaos.describe()}" if chaos.enabled else ""
+        data_dir = state.data_dir.resolve()
+        server.log.info("mock-server: serving %s at %s (%s)%s", data_dir, urls, counts, extra)
 
     def post_fork(server: Any, worker: Any) -> None:
         state.chaos.reseed(worker.age)

@@ -52,40 +52,53 @@ class Dataset:
 
 
 _WS = re.compile(r"[ \t\n\r]*")
+_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+class NumberText(str):
+    """A JSON number kept as the text it was written with (never a plain str)."""
+
+    __slots__ = ()
+
+
+# Numbers stay text: only string keys are looked at, and huge numbers must not fail.
+_DECODER = json.JSONDecoder(
+    parse_float=NumberText, parse_int=NumberText, parse_constant=_reject_constant
+)
 
 
 def split_array(text: str) -> Iterator[tuple[str, object]]:
     """Yield (raw text, decoded value) for each element of the JSON array in `text`.
 
     The raw text is the element exactly as written (numbers such as 1e400 or 30-digit
-    integers keep their spelling). Raises ValueError (json.JSONDecodeError for syntax
-    errors) when `text` is not one JSON array; NaN and Infinity are rejected.
+    integers keep their spelling); in the decoded value numbers are NumberText.
+    Raises ValueError (json.JSONDecodeError for syntax errors) when `text` is not one
+    JSON array; NaN and Infinity are rejected.
     """
     pos = _WS.match(text).end()
     if text[pos : pos + 1] != "[":
         raise json.JSONDecodeError("expected a JSON array", text, pos)
     pos = _WS.match(text, pos + 1).end()
     if text[pos : pos + 1] == "]":
-        pos += 1
+        pos = _WS.match(text, pos + 1).end()
     else:
+        scan_once, separator_after = _DECODER.scan_once, _SEPARATOR.match
         while True:
-            value, end = _DECODER.raw_decode(text, pos)
+            try:
+                value, end = scan_once(text, pos)
+            except StopIteration as e:
+                raise json.JSONDecodeError("expected a value", text, e.value) from None
             yield text[pos:end], value
-            separator_at = _WS.match(text, end).end()
-            separator = text[separator_at : separator_at + 1]
-            if separator not in (",", "]"):
-                raise json.JSONDecodeError("expected ',' or ']'", text, separator_at)
-            pos = _WS.match(text, separator_at + 1).end()
-            if separator == "]":
+            separator = separator_after(text, end)
+            if separator is None:
+                raise json.JSONDecodeError("expected ',' or ']'", text, _WS.match(text, end).end())
+            pos = separator.end()
+            if separator[1] == "]":
                 break
-    pos = _WS.match(text, pos).end()
     if pos != len(text):
         raise json.JSONDecodeError("extra data after the array", text, pos)
 
@@ -122,16 +135,15 @@ def load_collection(path: Path, key: str | None = None, group_by: str | None = N
             items.append(encoded)
             if not isinstance(value, dict):
                 continue
-            if key is not None and isinstance(record_key := value.get(key), str):
+            if key is not None and type(record_key := value.get(key)) is str:
                 by_key[record_key] = encoded
-            if group_by is not None and isinstance(group := value.get(group_by), str):
+            if group_by is not None and type(group := value.get(group_by)) is str:
                 groups.setdefault(group, []).append(encoded)
     except json.JSONDecodeError as e:
-        raise StartupError(
-            f"data file {path} is not a JSON array: {e.msg} (line {e.lineno}, column {e.colno})"
-        ) from None
+        problem = f"{e.msg} (line {e.lineno}, column {e.colno})"
+        raise StartupError(f"data file {path} is not a valid JSON array: {problem}") from None
     except (ValueError, RecursionError) as e:
-        raise StartupError(f"data file {path} is not a JSON array: {e}") from None
+        raise StartupError(f"data file {path} is not a valid JSON array: {e}") from None
     return Collection(items=items, by_key=by_key, groups=groups)
 
 

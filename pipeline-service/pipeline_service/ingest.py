@@ -28,6 +28,9 @@ from sqlalchemy import (
     Engine,
     MetaData,
     Table,
+    Text,
+    Uuid,
+    cast,
     func,
     insert,
     literal_column,
@@ -163,13 +166,20 @@ class PageWriter:
         )
         target = resource.table
         changing = [f for f in self.fields if f not in resource.key]
-        stmt = pg_insert(target).from_select(list(self.fields), select(*self.stage.c))
+        # The hash of the record as taken in decides whether a stored row changes: a field
+        # edited through the API (a machine's status) survives re-ingesting the same record.
+        source_hash = cast(func.md5(cast(tuple_(*self.stage.c), Text)), Uuid).label("source_hash")
+        stmt = pg_insert(target).from_select(
+            [*self.fields, "source_hash"], select(*self.stage.c, source_hash)
+        )
         stmt = stmt.on_conflict_do_update(
             index_elements=list(resource.key),
-            set_={**{f: stmt.excluded[f] for f in changing}, "updated_at": func.now()},
-            where=tuple_(*(target.c[f] for f in changing)).is_distinct_from(
-                tuple_(*(stmt.excluded[f] for f in changing))
-            ),
+            set_={
+                **{f: stmt.excluded[f] for f in changing},
+                "source_hash": stmt.excluded.source_hash,
+                "updated_at": func.now(),
+            },
+            where=target.c.source_hash.is_distinct_from(stmt.excluded.source_hash),
         )
         # xmax is 0 only for a freshly inserted row version.
         self.upsert = stmt.returning(literal_column("xmax = 0").label("inserted"))

@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from pipeline_service.api.routes import health, ingest, records
+from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
 from pipeline_service.db import create_db_engine
 from pipeline_service.errors import install_error_handlers
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = create_db_engine(settings)
     install_error_handlers(app)
     api = APIRouter(prefix="/api")
-    for module in (health, ingest, records):
+    for module in (health, ingest, records, telemetry):
         api.include_router(module.router)
     app.include_router(api)
     return app

@@ -1,5 +1,6 @@
 """SQLAlchemy models: the tables the ingest writes and the API re-serves."""
 
+import uuid
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    Uuid,
     false,
     func,
 )
@@ -42,8 +44,10 @@ class Base(DeclarativeBase):
 
 
 class _Bookkeeping:
-    """When the ingest first stored a row and when it last changed it."""
+    """When the ingest first stored a row, when it last changed it, and a hash of the source
+    record it last took in (so an unchanged source record is never written again)."""
 
+    source_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     ingested_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )

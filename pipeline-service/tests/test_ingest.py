@@ -1,0 +1,352 @@
+"""The ingest against the real mock server over HTTP and a real PostgreSQL."""
+
+import threading
+import time
+from datetime import datetime
+
+import pytest
+from conftest import SAMPLE_DATA_DIR, load_sample
+
+from pipeline_service.ingest import INGEST_LOCK_ID, storable_json
+
+
+def customer(n: int, **changes) -> dict:
+    record = {
+        "customer_id": f"C{n:05d}",
+        "first_name": f"First{n}",
+        "last_name": f"Last{n}",
+        "email": f"user{n}@example.com",
+        "phone": "+1-555-0100",
+        "address": f"{n} Main Street",
+        "date_of_birth": "1990-01-31",
+        "account_balance": round(n * 1.25, 2),
+        "created_at": "2024-03-05T10:11:12Z",
+    }
+    return record | changes
+
+
+def machine(n: int, **changes) -> dict:
+    record = {
+        "machine_id": f"M{n:03d}",
+        "name": f"Press {n}",
+        "model": "HX-200",
+        "location": "Hall A",
+        "status": "IDLE",
+        "created_at": "2024-01-01T00:00:00Z",
+    }
+    return record | changes
+
+
+def reading(machine_n: int, minute: int, **changes) -> dict:
+    record = {
+        "machine_id": f"M{machine_n:03d}",
+        "timestamp": f"2024-06-01T08:{minute:02d}:00Z",
+        "temperature": 70.0 + minute / 10,
+        "speed": 1200,
+        "status": "STARTED",
+    }
+    return record | changes
+
+
+KEY_WIDTH = {"customers": 1, "machines": 1, "machine_readings": 2}
+
+
+def row_versions(db, table: str) -> dict:
+    """Each row's key and the transaction that wrote its current version."""
+    with db.cursor() as cur:
+        cur.execute(f"SELECT xmin::text, * FROM {table}")
+        return {row[1 : 1 + KEY_WIDTH[table]]: row[0] for row in cur.fetchall()}
+
+
+def count(db, table: str) -> int:
+    with db.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")
+        return cur.fetchone()[0]
+
+
+def test_sample_ingest_takes_in_every_source_record(serve_source, make_client, db):
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    body = client.post("/api/ingest").json()
+    sizes = {name: len(load_sample(name)) for name in ("customers", "machines", "readings")}
+    assert body["status"] == "success"
+    assert body["records_processed"] == sum(sizes.values())
+    assert body["rejected"] == 0
+    assert {n: c["inserted"] for n, c in body["resources"].items()} == sizes
+    assert count(db, "customers") == 21
+    assert count(db, "machines") == sizes["machines"]
+    assert count(db, "machine_readings") == sizes["readings"]
+
+
+def test_reingest_of_unchanged_source_writes_nothing(serve_source, make_client, db):
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    client.post("/api/ingest")
+    before = {t: row_versions(db, t) for t in ("customers", "machines", "machine_readings")}
+    body = client.post("/api/ingest").json()
+    after = {t: row_versions(db, t) for t in ("customers", "machines", "machine_readings")}
+    assert after == before  # no new row versions at all
+    for counts in body["resources"].values():
+        assert counts["inserted"] == counts["updated"] == 0
+        assert counts["unchanged"] == counts["fetched"]
+
+
+def test_changed_source_record_updates_its_row_only(serve_source, make_client, db, tmp_path):
+    records = [customer(n) for n in range(1, 6)]
+    first = serve_source(customers=records)
+    client = make_client(first.url)
+    client.post("/api/ingest?resource=customers")
+    versions = row_versions(db, "customers")
+
+    records[2] = records[2] | {"email": "new@example.com", "account_balance": -0.01}
+    second = serve_source(customers=records)
+    client.app.state.settings.mock_server_url = second.url
+    body = client.post("/api/ingest?resource=customers").json()
+    counts = body["resources"]["customers"]
+    assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (0, 1, 4)
+    served = client.get("/api/customers/C00003").json()
+    assert served["email"] == "new@example.com" and served["account_balance"] == -0.01
+    changed = {k for k, v in row_versions(db, "customers").items() if versions[k] != v}
+    assert changed == {("C00003",)}
+
+
+def test_many_pages_with_a_partial_last_page(serve_source, make_client, db):
+    source = serve_source(customers=[customer(n) for n in range(1, 24)])
+    client = make_client(source.url, ingest_page_size=5)
+    body = client.post("/api/ingest?resource=customers").json()
+    assert body["resources"]["customers"]["pages"] == 5
+    assert sorted(source.pages_requested("/api/customers")) == [1, 2, 3, 4, 5]
+    assert count(db, "customers") == 23
+
+
+def test_resource_parameter_limits_the_run(serve_source, make_client, db):
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    body = client.post("/api/ingest?resource=machines").json()
+    assert list(body["resources"]) == ["machines"]
+    assert count(db, "machines") > 0
+    assert count(db, "customers") == count(db, "machine_readings") == 0
+    bad = client.post("/api/ingest?resource=orders")
+    assert bad.status_code == 400 and bad.json()["error"].startswith("resource:")
+
+
+def test_duplicate_keys_later_record_wins_within_and_across_pages(serve_source, make_client):
+    records = [
+        customer(1, first_name="early"),
+        customer(2),
+        customer(1, first_name="middle"),  # same page as the first
+        customer(3),
+        customer(4),
+        customer(1, first_name="late"),  # next page (page size 3)
+    ]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=3)
+    body = client.post("/api/ingest?resource=customers").json()
+    assert body["status"] == "success"
+    assert client.get("/api/customers/C00001").json()["first_name"] == "late"
+    assert client.get("/api/customers").json()["total"] == 4
+
+
+HOSTILE_VALID = [
+    customer(1, first_name="Zoë 🚀 ⅓ ﷽", last_name="O'Brien \"Bob\"", address="a\\b\tc\nd\r"),
+    customer(2, first_name="'; DROP TABLE customers; --", last_name="NULL"),
+    customer(3, address="x" * 10_000, email="e" * 243 + "@example.com"),
+    customer(4, account_balance=9999999999999.99, date_of_birth="0001-01-01"),
+    customer(5, account_balance=-9999999999999.99, date_of_birth="9999-12-31"),
+    customer(6, account_balance=0, created_at="1970-01-01T00:00:00+14:00"),
+    customer(7, phone="", address=""),
+    customer(8, created_at="2024-02-29T23:59:59.999999-07:30", account_balance=-0.01),
+    customer(9, first_name="\\N", last_name="\\.", address="\\\\N"),
+]
+
+HOSTILE_INVALID = [
+    ({"first_name": "no key"}, "customer_id: is required"),
+    (customer(20, date_of_birth="1990-02-30"), "date_of_birth"),
+    (customer(21, account_balance=1e20), "account_balance"),
+    (customer(22, account_balance="100.00"), "account_balance: must be a number"),
+    (customer(23, account_balance=1.005), "account_balance"),
+    (customer(24, first_name="x" * 101), "first_name"),
+    (customer(25, first_name=42), "first_name: must be a string"),
+    (customer(26, created_at="2024-03-05 10:11"), "created_at"),
+    (customer(27, created_at="2024-03-05T10:11:12"), "created_at"),
+    (customer(28, email=None), "email"),
+    (customer(29, last_name="nul\u0000byte"), "last_name"),
+    (customer(30, phone="+1" * 11), "phone"),
+    (customer(31, account_balance=True), "account_balance"),
+    (customer(32, customer_id="k" * 51), "customer_id"),
+    ("not an object", "record"),
+    (None, "record"),
+    ([1, 2], "record"),
+]
+
+
+def test_hostile_source_file_keeps_valid_records_exactly_and_explains_the_rest(
+    serve_source, make_client, db
+):
+    records = HOSTILE_VALID + [raw for raw, _ in HOSTILE_INVALID]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=7)
+    body = client.post("/api/ingest?resource=customers").json()
+    assert body["status"] == "success"
+    assert body["records_processed"] == len(HOSTILE_VALID)
+    assert body["rejected"] == len(HOSTILE_INVALID)
+
+    for expected in HOSTILE_VALID:
+        served = client.get(f"/api/customers/{expected['customer_id']}").json()
+        for field, value in expected.items():
+            if field == "created_at":
+                assert datetime.fromisoformat(served[field]) == datetime.fromisoformat(value)
+            else:
+                assert served[field] == value, field
+
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT payload, reason, source_page, run_id, record_key FROM rejected_records "
+            "ORDER BY id"
+        )
+        stored = cur.fetchall()
+    assert len(stored) == len(HOSTILE_INVALID)
+    for (raw, reason_part), (payload, reason, page, run_id, key) in zip(
+        HOSTILE_INVALID, stored, strict=True
+    ):
+        assert reason_part in reason
+        assert payload == storable_json(raw)[0]
+        assert page >= 1 and run_id == body["run_id"]
+        if isinstance(raw, dict) and "customer_id" in raw:
+            assert key == raw["customer_id"]
+
+
+def test_reading_of_unknown_machine_is_rejected_not_fatal(serve_source, make_client, db):
+    source = serve_source(
+        machines=[machine(1)],
+        readings=[reading(1, 0), reading(2, 0), reading(1, 1)],
+    )
+    body = make_client(source.url).post("/api/ingest").json()
+    assert body["resources"]["readings"]["inserted"] == 2
+    assert body["resources"]["readings"]["rejected"] == 1
+    with db.cursor() as cur:
+        cur.execute("SELECT resource, record_key, reason FROM rejected_records")
+        resource, key, reason = cur.fetchone()
+    assert resource == "readings"
+    assert key.startswith("M002/")
+    assert "no machine 'M002'" in reason
+
+
+def test_runs_are_listed_newest_first_with_their_counts(serve_source, make_client):
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    first = client.post("/api/ingest?resource=customers").json()
+    second = client.post("/api/ingest?resource=machines").json()
+    listing = client.get("/api/ingest/runs?limit=1").json()
+    assert listing["total"] == 2
+    assert [r["run_id"] for r in listing["data"]] == [second["run_id"]]
+    one = client.get(f"/api/ingest/runs/{first['run_id']}").json()
+    assert one["status"] == "succeeded" and one["trigger"] == "api"
+    assert one["resources"]["customers"]["inserted"] == 21
+    assert one["finished_at"] is not None
+
+
+def test_a_second_trigger_while_a_run_holds_the_lock_is_409(serve_source, make_client, db):
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO ingest_runs (trigger, status) VALUES ('test', 'running')")
+        cur.execute("SELECT pg_advisory_lock(%s)", (INGEST_LOCK_ID,))
+    response = client.post("/api/ingest")
+    assert response.status_code == 409
+    assert response.json()["running_run_id"] == 1
+    assert "ingest run 1 is already running" in response.json()["error"]
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s)", (INGEST_LOCK_ID,))
+    # The lock is free again: the abandoned 'running' run is marked failed, a new one runs.
+    body = client.post("/api/ingest").json()
+    assert body["status"] == "success"
+    abandoned = client.get("/api/ingest/runs/1").json()
+    assert abandoned["status"] == "failed" and "interrupted" in abandoned["error"]
+
+
+def test_concurrent_triggers_run_once_and_never_duplicate(serve_source, make_client, db):
+    source = serve_source(
+        customers=[customer(n) for n in range(1, 41)], CHAOS_LATENCY_MS=100
+    )
+    clients = [make_client(source.url, ingest_page_size=5) for _ in range(2)]
+    answers: list = [None, None]
+
+    def trigger(i: int) -> None:
+        answers[i] = clients[i].post("/api/ingest?resource=customers")
+
+    threads = [threading.Thread(target=trigger, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(a.status_code for a in answers) == [200, 409]
+    assert count(db, "customers") == 40
+    assert sorted(source.pages_requested("/api/customers")) == list(range(1, 9))
+
+
+def test_source_down_gives_502_quickly_and_keeps_what_was_stored(serve_source, make_client, db):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    client = make_client(source.url, source_max_attempts=3, source_give_up_seconds=5)
+    client.post("/api/ingest?resource=customers")
+    source.stop()
+    started = time.monotonic()
+    response = client.post("/api/ingest")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 502
+    body = response.json()
+    assert source.url in body["error"] and body["source_url"].startswith(source.url)
+    assert body["status"] == "failed" and f"resume={body['run_id']}" in body["error"]
+    assert elapsed < 10
+    assert count(db, "customers") == 21
+
+
+def test_source_404_fails_at_once_without_retrying(serve_source, make_client):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    source.fail_with(404)
+    client = make_client(source.url, source_max_attempts=5)
+    response = client.post("/api/ingest?resource=customers")
+    assert response.status_code == 502
+    assert "HTTP 404" in response.json()["error"]
+    assert len(source.requests) == 1
+
+
+def test_failed_run_resumes_from_its_last_committed_page(serve_source, make_client, db):
+    source = serve_source(customers=[customer(n) for n in range(1, 24)])
+    client = make_client(
+        source.url, ingest_page_size=5, source_max_attempts=2, source_give_up_seconds=2
+    )
+    source.fail_with(503, after=3)  # pages 1-3 succeed, then the source breaks
+    failed = client.post("/api/ingest?resource=customers")
+    assert failed.status_code == 502
+    run_id = failed.json()["run_id"]
+    committed = failed.json()["resources"]["customers"]["pages"]
+    assert 1 <= committed <= 3
+    assert count(db, "customers") == committed * 5
+
+    source.heal()
+    source.requests.clear()
+    resumed = client.post(f"/api/ingest?resume={run_id}")
+    assert resumed.status_code == 200
+    body = resumed.json()
+    assert body["run_id"] == run_id and body["status"] == "success"
+    assert body["resources"]["customers"]["pages"] == 5
+    assert body["resources"]["customers"]["inserted"] == 23
+    assert min(source.pages_requested("/api/customers")) == committed + 1
+    assert count(db, "customers") == 23
+    assert client.get(f"/api/ingest/runs/{run_id}").json()["status"] == "succeeded"
+
+
+def test_only_a_failed_run_can_be_resumed(serve_source, make_client):
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    run_id = client.post("/api/ingest?resource=machines").json()["run_id"]
+    assert client.post(f"/api/ingest?resume={run_id}").status_code == 409
+    assert client.post("/api/ingest?resume=999").status_code == 404
+    both = client.post(f"/api/ingest?resume={run_id}&resource=machines")
+    assert both.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "altered"),
+    [
+        ({"a": "x\u0000y"}, {"a": "x\\u0000y"}, True),
+        (["\ud800"], ["\\ud800"], True),
+        ({"n": float("inf")}, {"n": "inf"}, True),
+        ({"ok": [1, "two", None, 3.5]}, {"ok": [1, "two", None, 3.5]}, False),
+    ],
+)
+def test_storable_json_escapes_what_jsonb_cannot_hold(value, expected, altered):
+    assert storable_json(value) == (expected, altered)

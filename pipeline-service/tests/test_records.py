@@ -1,0 +1,194 @@
+"""Re-serving stored records: pagination, lookups, bad parameters, fidelity to the source."""
+
+from datetime import datetime
+from decimal import Decimal
+
+import pytest
+from conftest import SAMPLE_DATA_DIR, load_sample
+
+
+def customer(n: int, **changes) -> dict:
+    record = {
+        "customer_id": f"C{n:04d}",
+        "first_name": f"First{n}",
+        "last_name": f"Last{n}",
+        "email": f"user{n}@example.com",
+        "phone": None,
+        "address": None,
+        "date_of_birth": "1990-01-31",
+        "account_balance": 10.5,
+        "created_at": "2024-03-05T10:11:12Z",
+    }
+    return record | changes
+
+
+@pytest.fixture
+def sample_client(serve_source, make_client):
+    """The pipeline with the shipped sample data ingested."""
+    client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
+    assert client.post("/api/ingest").status_code == 200
+    return client
+
+
+@pytest.fixture
+def client_with_23(serve_source, make_client):
+    """23 customers stored: a total that is not a multiple of common page sizes."""
+    source = serve_source(customers=[customer(n) for n in range(23, 0, -1)])
+    client = make_client(source.url)
+    assert client.post("/api/ingest?resource=customers").json()["records_processed"] == 23
+    return client
+
+
+def same_instant(a: str, b: str) -> bool:
+    return datetime.fromisoformat(a) == datetime.fromisoformat(b)
+
+
+def assert_same_record(served: dict, source: dict) -> None:
+    assert served.keys() == source.keys()
+    for field, expected in source.items():
+        value = served[field]
+        if field in ("created_at", "timestamp"):
+            assert same_instant(value, expected), field
+        elif field == "account_balance" and expected is not None:
+            assert isinstance(value, int | float) and not isinstance(value, bool)
+            assert Decimal(str(value)) == Decimal(str(expected)), field
+        else:
+            assert value == expected, field
+
+
+def test_first_five_sample_customers_are_served_in_key_order(sample_client):
+    body = sample_client.get("/api/customers?page=1&limit=5").json()
+    assert body["total"] == 21 and body["page"] == 1 and body["limit"] == 5
+    assert [c["customer_id"] for c in body["data"]] == [f"CUST{n:03d}" for n in range(1, 6)]
+
+
+def test_every_served_record_equals_its_source_record(sample_client):
+    for resource in ("customers", "machines"):
+        source = {r[resource[:-1] + "_id"]: r for r in load_sample(resource)}
+        body = sample_client.get(f"/api/{resource}?limit=1000").json()
+        assert body["total"] == len(source)
+        for served in body["data"]:
+            assert_same_record(served, source[served[resource[:-1] + "_id"]])
+            single = sample_client.get(f"/api/{resource}/{served[resource[:-1] + '_id']}")
+            assert single.json() == served
+
+    readings = load_sample("readings")
+    for machine_id in {r["machine_id"] for r in readings}:
+        expected = sorted(
+            (r for r in readings if r["machine_id"] == machine_id),
+            key=lambda r: datetime.fromisoformat(r["timestamp"]),
+        )
+        body = sample_client.get(f"/api/machines/{machine_id}/readings?limit=1000").json()
+        assert body["total"] == len(expected)
+        for served, source in zip(body["data"], expected, strict=True):
+            assert_same_record(served, source)
+
+
+def test_dates_timestamps_and_balances_keep_their_form(sample_client):
+    body = sample_client.get("/api/customers/CUST001").json()
+    assert body["date_of_birth"] == "1985-04-12"
+    assert body["created_at"].endswith("Z")
+    assert isinstance(body["account_balance"], float)
+
+
+@pytest.mark.parametrize(
+    ("page", "limit", "expected_ids"),
+    [
+        (1, 10, list(range(1, 11))),
+        (3, 10, [21, 22, 23]),  # the last, partial page
+        (4, 10, []),  # past the end
+        (1, 23, list(range(1, 24))),
+        (2, 22, [23]),
+        (1, 1000, list(range(1, 24))),
+        (23, 1, [23]),
+        (24, 1, []),
+    ],
+)
+def test_pages_cover_the_collection_exactly(client_with_23, page, limit, expected_ids):
+    body = client_with_23.get(f"/api/customers?page={page}&limit={limit}").json()
+    assert body["total"] == 23 and body["page"] == page and body["limit"] == limit
+    assert [c["customer_id"] for c in body["data"]] == [f"C{n:04d}" for n in expected_ids]
+
+
+def test_defaults_are_page_one_of_ten(client_with_23):
+    body = client_with_23.get("/api/customers").json()
+    assert (body["page"], body["limit"], len(body["data"])) == (1, 10, 10)
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ("page=0", "page"),
+        ("page=-1", "page"),
+        ("page=abc", "page"),
+        ("page=1.5", "page"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=", "limit"),
+        ("limit=ten", "limit"),
+        ("page=99999999999999999999", "page"),
+    ],
+)
+def test_bad_paging_parameters_are_400_naming_the_parameter(make_client, query, parameter):
+    client = make_client()
+    for path in ("/api/customers", "/api/machines", "/api/ingest/runs"):
+        response = client.get(f"{path}?{query}")
+        assert response.status_code == 400, path
+        assert response.json()["error"].startswith(f"{parameter}:")
+
+
+def test_unknown_ids_are_404_json(make_client):
+    client = make_client()
+    for path in (
+        "/api/customers/NOPE",
+        "/api/machines/NOPE",
+        "/api/machines/NOPE/readings",
+        "/api/ingest/runs/12345",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "error" in response.json()
+
+
+def test_unknown_route_and_method_are_json(make_client):
+    client = make_client()
+    assert client.get("/api/nothing").json() == {"error": "Not Found"}
+    response = client.delete("/api/customers")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_ids_with_odd_characters_are_looked_up_exactly(serve_source, make_client):
+    ids = ["a b", "ünï", "x'; DROP TABLE customers; --", "50% off"]
+    source = serve_source(customers=[customer(0, customer_id=i) for i in ids])
+    client = make_client(source.url)
+    client.post("/api/ingest?resource=customers")
+    from urllib.parse import quote
+
+    for record_id in ids:
+        response = client.get(f"/api/customers/{quote(record_id, safe='')}")
+        assert response.status_code == 200, record_id
+        assert response.json()["customer_id"] == record_id
+
+
+def test_machine_readings_time_window_is_inclusive(sample_client):
+    everything = sample_client.get("/api/machines/MCH001/readings?limit=1000").json()["data"]
+    first, third = everything[0]["timestamp"], everything[2]["timestamp"]
+    window = sample_client.get(
+        "/api/machines/MCH001/readings", params={"from": first, "to": third}
+    ).json()
+    assert [r["timestamp"] for r in window["data"]] == [r["timestamp"] for r in everything[:3]]
+    assert window["total"] == 3
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter"),
+    [
+        ({"from": "yesterday"}, "from"),
+        ({"to": "2024-13-01T00:00:00Z"}, "to"),
+        ({"from": "2024-06-02T00:00:00Z", "to": "2024-06-01T00:00:00Z"}, "from"),
+    ],
+)
+def test_bad_time_window_is_400(sample_client, params, parameter):
+    response = sample_client.get("/api/machines/MCH001/readings", params=params)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(f"{parameter}:")
