@@ -1,0 +1,128 @@
+"""The source client: retries that are bounded and polite, against a misbehaving real server."""
+
+import time
+
+import pytest
+from conftest import SAMPLE_DATA_DIR
+
+from pipeline_service.config import Settings
+from pipeline_service.source import SourceClient, SourceError, TransientSourceError
+
+from .test_ingest import customer, machine, reading
+
+
+def settings_for(url: str, **overrides) -> Settings:
+    return Settings(
+        _env_file=None, database_url="postgresql://unused/db", mock_server_url=url, **overrides
+    )
+
+
+def test_a_chaotic_source_still_ends_with_the_database_equal_to_the_source(
+    serve_source, make_client, db
+):
+    customers = [customer(n) for n in range(1, 151)]
+    machines = [machine(n) for n in range(1, 6)]
+    readings = [reading(m, minute) for m in range(1, 6) for minute in range(60)]
+    source = serve_source(
+        customers=customers,
+        machines=machines,
+        readings=readings,
+        CHAOS_SEED=7,
+        CHAOS_ERROR_RATE=0.15,
+        CHAOS_RATE_LIMIT_RATE=0.1,
+        CHAOS_RETRY_AFTER=0,
+        CHAOS_TRUNCATE_RATE=0.1,
+        CHAOS_RESET_RATE=0.1,
+    )
+    client = make_client(
+        source.url, ingest_page_size=10, source_max_attempts=15, source_give_up_seconds=60
+    )
+    response = client.post("/api/ingest")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["records_processed"] == len(customers) + len(machines) + len(readings)
+    assert body["rejected"] == 0
+    # The chaos really happened: more requests than pages.
+    pages = 15 + 1 + 30
+    assert len(source.requests) > pages
+
+    served = client.get("/api/customers?limit=1000").json()["data"]
+    assert [c["customer_id"] for c in served] == [c["customer_id"] for c in customers]
+    assert [c["email"] for c in served] == [c["email"] for c in customers]
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT (machine_id, timestamp)) FROM machine_readings")
+        assert cur.fetchone() == (len(readings), len(readings))
+
+
+def test_retry_after_is_honoured(serve_source):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    source.fail_with(429, headers={"Retry-After": "1"})
+    client = SourceClient(settings_for(source.url, source_max_attempts=3))
+    started = time.monotonic()
+    with pytest.raises(TransientSourceError):
+        client.get_page("/api/customers", 1, 10)
+    elapsed = time.monotonic() - started
+    assert len(source.requests) == 3
+    assert elapsed >= 2.0  # two waits of Retry-After: 1
+
+
+def test_a_transient_failure_heals_on_retry(serve_source):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    source.fail_with(503)
+    client = SourceClient(settings_for(source.url, source_max_attempts=5))
+    import threading
+
+    threading.Timer(0.3, source.heal).start()
+    page = client.get_page("/api/customers", 1, 5)
+    assert len(page.records) == 5 and page.total == 21
+    assert len(source.requests) >= 2
+
+
+def test_give_up_time_bounds_the_retries(serve_source):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    source.fail_with(500)
+    client = SourceClient(
+        settings_for(source.url, source_max_attempts=20, source_give_up_seconds=1.5)
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientSourceError):
+        client.get_page("/api/customers", 1, 10)
+    assert time.monotonic() - started < 1.5 + 5.0  # at most one more backoff step
+
+
+@pytest.mark.parametrize("status", [400, 404, 401])
+def test_client_errors_fail_at_once(serve_source, status):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    source.fail_with(status)
+    client = SourceClient(settings_for(source.url, source_max_attempts=5))
+    with pytest.raises(SourceError) as caught:
+        client.get_page("/api/customers", 1, 10)
+    assert not isinstance(caught.value, TransientSourceError)
+    assert f"HTTP {status}" in str(caught.value)
+    assert len(source.requests) == 1
+
+
+def test_unreachable_source_names_the_url(free_port_url):
+    client = SourceClient(
+        settings_for(free_port_url, source_max_attempts=2, source_give_up_seconds=2)
+    )
+    with pytest.raises(SourceError) as caught:
+        client.get_page("/api/customers", 1, 10)
+    assert caught.value.url.startswith(f"{free_port_url}/api/customers?page=1")
+
+
+def test_a_page_that_is_not_the_expected_shape_is_a_clear_error(serve_source):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    client = SourceClient(settings_for(source.url))
+    with pytest.raises(SourceError, match="no 'data' array"):
+        client.get_page("/api/health", 1, 10)
+
+
+@pytest.fixture
+def free_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
