@@ -208,10 +208,12 @@ def make_client(database_url: str) -> Iterator[Callable[..., Any]]:
     def make(source_url: str = "http://127.0.0.1:9", **overrides: Any) -> TestClient:
         settings = Settings(
             _env_file=None,
-            database_url=database_url,
-            mock_server_url=source_url,
-            pipeline_api_key=None,
-            **overrides,
+            **{
+                "database_url": database_url,
+                "mock_server_url": source_url,
+                "pipeline_api_key": None,
+                **overrides,
+            },
         )
         client = TestClient(create_app(settings), raise_server_exceptions=False)
         client.__enter__()

@@ -75,7 +75,8 @@ def _query_int(name: str, default: int, maximum: int | None = None) -> int:
     value = int(raw) if _DIGITS.fullmatch(raw) and len(raw) <= 4000 else 0
     if value < 1 or (maximum is not None and value > maximum):
         bounds = f"between 1 and {maximum}" if maximum is not None else ">= 1"
-        abort(400, description=f"{name} must be an integer {bounds}, got {raw!r}")
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        abort(400, description=f"{name} must be an integer {bounds}, got {shown!r}")
     return value
 
 
@@ -170,20 +171,18 @@ def _inject_chaos() -> Response | None:
             reset_connection(sock)
             return _json_response(b"{}")  # never reaches the client
         # Without a socket (e.g. the Flask test client) the nearest thing is no body at all.
-        g.chaos_keep_bytes = 0
+        g.chaos_body_share = 0.0
     elif outcome.kind is Kind.TRUNCATE:
-        g.chaos_keep_bytes = None
+        g.chaos_body_share = 0.5
     return None
 
 
 @bp.after_request
 def _truncate_body(response: Response) -> Response:
-    if "chaos_keep_bytes" not in g:
+    if "chaos_body_share" not in g:
         return response
-    keep = g.pop("chaos_keep_bytes")
     body = response.get_data()
-    if keep is None:
-        keep = max(1, len(body) // 2)
+    keep = int(len(body) * g.pop("chaos_body_share"))
     truncated = Response(
         cut_short(body[:keep], client_socket(request.environ)),
         status=response.status_code,

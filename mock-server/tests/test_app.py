@@ -266,3 +266,18 @@ def test_default_data_dir_prefers_env_then_cwd_then_the_sample_data(
 def test_missing_data_file_stops_create_app(make_data_dir: Callable[..., Path]) -> None:
     with pytest.raises(StartupError, match=r"readings\.json does not exist"):
         create_app({"DATA_DIR": make_data_dir(readings=None)})
+
+
+def test_an_unexpected_failure_is_a_500_json_error(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+
+    def explode() -> None:
+        raise RuntimeError("boom")
+
+    app.add_url_rule("/api/explode", view_func=explode)
+    status, body = _get(app, "/api/explode")
+    assert status == 500
+    assert "boom" not in body["error"]
+    assert "RuntimeError: boom" in caplog.text

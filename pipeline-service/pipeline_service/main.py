@@ -9,6 +9,7 @@ from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
 from pipeline_service.db import create_db_engine
 from pipeline_service.errors import install_error_handlers
+from pipeline_service.limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = create_db_engine(settings)
     install_error_handlers(app)
+    app.add_middleware(RequestLimits)
     api = APIRouter(prefix="/api")
     for module in (health, ingest, records, telemetry):
         api.include_router(module.router)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Double,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     MetaData,
     Numeric,
@@ -147,5 +148,32 @@ class RejectedRecord(Base):
     payload: Mapped[Any] = mapped_column(JSONB)
     reason: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+CHANGE_SOURCES = ("api", "ingest")
+
+
+class MachineStatusChange(Base):
+    """One change of a machine's status, written by a trigger on ``machines`` (migration
+    0002) whoever made it: ``source`` is 'api' for POST /status, else 'ingest'."""
+
+    __tablename__ = "machine_status_history"
+    __table_args__ = (
+        CheckConstraint("source IN ('api', 'ingest')", name="source"),
+        Index(
+            "ix_machine_status_history_machine_id_changed_at", "machine_id", "changed_at", "id"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    machine_id: Mapped[str] = mapped_column(
+        String(50), ForeignKey("machines.machine_id", ondelete="CASCADE")
+    )
+    old_status: Mapped[str | None] = mapped_column(String(20))
+    new_status: Mapped[str] = mapped_column(String(20))
+    source: Mapped[str] = mapped_column(String(20))
+    changed_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
