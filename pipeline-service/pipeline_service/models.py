@@ -162,9 +162,7 @@ class MachineStatusChange(Base):
     __tablename__ = "machine_status_history"
     __table_args__ = (
         CheckConstraint("source IN ('api', 'ingest')", name="source"),
-        Index(
-            "ix_machine_status_history_machine_id_changed_at", "machine_id", "changed_at", "id"
-        ),
+        Index("ix_machine_status_history_machine_id_changed_at", "machine_id", "changed_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -174,6 +172,4 @@ class MachineStatusChange(Base):
     old_status: Mapped[str | None] = mapped_column(String(20))
     new_status: Mapped[str] = mapped_column(String(20))
     source: Mapped[str] = mapped_column(String(20))
-    changed_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
-    )
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -8,7 +8,7 @@ so the same model serializes stored rows.
 
 import math
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -71,9 +71,7 @@ def _json_type(value: Any) -> str:
 
 
 def _utc_iso(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def text(min_length: int = 0, max_length: int | None = None) -> Any:

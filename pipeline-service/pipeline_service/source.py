@@ -4,6 +4,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -149,9 +150,9 @@ def _retry_after_seconds(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        from datetime import datetime, timezone
+        from datetime import datetime
 
-        return (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        return (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
     except (TypeError, ValueError):
         return None
 

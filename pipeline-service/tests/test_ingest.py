@@ -5,9 +5,9 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import SAMPLE_DATA_DIR, load_sample
-
 from pipeline_service.ingest import INGEST_LOCK_ID, storable_json
+
+from conftest import SAMPLE_DATA_DIR, load_sample
 
 
 def customer(n: int, **changes) -> dict:
@@ -144,7 +144,7 @@ def test_duplicate_keys_later_record_wins_within_and_across_pages(serve_source, 
 
 
 HOSTILE_VALID = [
-    customer(1, first_name="Zoë 🚀 ⅓ ﷽", last_name="O'Brien \"Bob\"", address="a\\b\tc\nd\r"),
+    customer(1, first_name="Zoë 🚀 ⅓ ﷽", last_name='O\'Brien "Bob"', address="a\\b\tc\nd\r"),
     customer(2, first_name="'; DROP TABLE customers; --", last_name="NULL"),
     customer(3, address="x" * 10_000, email="e" * 243 + "@example.com"),
     customer(4, account_balance=9999999999999.99, date_of_birth="0001-01-01"),
@@ -259,9 +259,7 @@ def test_a_second_trigger_while_a_run_holds_the_lock_is_409(serve_source, make_c
 
 
 def test_concurrent_triggers_run_once_and_never_duplicate(serve_source, make_client, db):
-    source = serve_source(
-        customers=[customer(n) for n in range(1, 41)], CHAOS_LATENCY_MS=100
-    )
+    source = serve_source(customers=[customer(n) for n in range(1, 41)], CHAOS_LATENCY_MS=100)
     clients = [make_client(source.url, ingest_page_size=5) for _ in range(2)]
     answers: list = [None, None]
 

@@ -4,11 +4,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_DATA_DIR
 from fastapi.testclient import TestClient
-
 from pipeline_service.config import Settings
 from pipeline_service.main import create_app
+
+from conftest import SAMPLE_DATA_DIR
 
 
 def test_writes_need_the_api_key_when_one_is_set(serve_source, make_client):

@@ -7,10 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
-
 from pipeline_service.config import Settings
 from pipeline_service.models import Base
+from sqlalchemy import create_engine, inspect
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +36,13 @@ def test_downgrade_to_base_and_upgrade_again(database_url):
     command.upgrade(config, "head")
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
-    assert {"customers", "machines", "machine_readings", "ingest_runs", "rejected_records"} <= tables
+    assert {
+        "customers",
+        "machines",
+        "machine_readings",
+        "ingest_runs",
+        "rejected_records",
+    } <= tables
 
 
 def test_revisions_form_one_line_with_a_single_head():

@@ -4,6 +4,7 @@ from datetime import datetime
 from decimal import Decimal
 
 import pytest
+
 from conftest import SAMPLE_DATA_DIR, load_sample
 
 

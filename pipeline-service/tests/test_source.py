@@ -3,10 +3,10 @@
 import time
 
 import pytest
-from conftest import SAMPLE_DATA_DIR
-
 from pipeline_service.config import Settings
 from pipeline_service.source import SourceClient, SourceError, TransientSourceError
+
+from conftest import SAMPLE_DATA_DIR
 
 from .test_ingest import customer, machine, reading
 
@@ -50,7 +50,9 @@ def test_a_chaotic_source_still_ends_with_the_database_equal_to_the_source(
     assert [c["customer_id"] for c in served] == [c["customer_id"] for c in customers]
     assert [c["email"] for c in served] == [c["email"] for c in customers]
     with db.cursor() as cur:
-        cur.execute("SELECT count(*), count(DISTINCT (machine_id, timestamp)) FROM machine_readings")
+        cur.execute(
+            "SELECT count(*), count(DISTINCT (machine_id, timestamp)) FROM machine_readings"
+        )
         assert cur.fetchone() == (len(readings), len(readings))
 
 

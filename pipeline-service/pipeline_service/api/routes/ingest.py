@@ -38,11 +38,12 @@ ResourceName = Literal[tuple(RESOURCES)]  # type: ignore[valid-type]
 )
 def ingest(
     request: Request,
-    resource: Annotated[
-        ResourceName | None, Query(description="Ingest only this resource")
-    ] = None,
+    resource: Annotated[ResourceName | None, Query(description="Ingest only this resource")] = None,
     resume: Annotated[
-        int | None, Query(ge=1, le=2**63 - 1, description="Resume this failed run from its last committed page")
+        int | None,
+        Query(
+            ge=1, le=2**63 - 1, description="Resume this failed run from its last committed page"
+        ),
     ] = None,
 ) -> JSONResponse:
     """Walk every page of the source and upsert it; answers with the run's counts."""
@@ -61,8 +62,10 @@ def ingest(
         partial = runner.result(exc.run_id).as_dict() | {"status": "failed"}
         if isinstance(exc.cause, SourceError):
             return error_response(
-                502, f"{exc.cause}; resume with POST /api/ingest?resume={exc.run_id}",
-                source_url=exc.cause.url, **partial,
+                502,
+                f"{exc.cause}; resume with POST /api/ingest?resume={exc.run_id}",
+                source_url=exc.cause.url,
+                **partial,
             )
         if isinstance(exc.cause, DBAPIError):
             raise exc.cause from None

@@ -1,6 +1,6 @@
 """Re-serving stored records: one pair of routes per top-level resource, plus readings."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
@@ -77,7 +77,7 @@ for _resource in RESOURCES.values():
 def as_utc(value: datetime | None) -> datetime | None:
     """Query timestamps without an offset are taken as UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
