@@ -71,3 +71,46 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeoutError, _pool_timeout)
     app.add_exception_handler(Exception, _unexpected)
+
+
+_GENERIC_ERRORS = {
+    "400": "A query or path parameter is invalid",
+    "413": "The request body is too large",
+    "414": "The URL is too long",
+    "503": "The database is unavailable",
+}
+
+
+def document_error_responses(app: FastAPI) -> None:
+    """Make the OpenAPI document tell the truth about errors: every operation may answer
+    the generic ``{"error": ...}`` statuses, and body validation answers 422 in that same
+    shape instead of FastAPI's default ``{"detail": [...]}``."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schema["components"]["schemas"]["ErrorBody"] = {
+            "title": "ErrorBody",
+            "type": "object",
+            "properties": {"error": {"type": "string", "title": "Error"}},
+            "required": ["error"],
+        }
+        for component in ("HTTPValidationError", "ValidationError"):
+            schema["components"]["schemas"].pop(component, None)
+        error = {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        }
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if "requestBody" in operation:
+                    responses["422"] = {"description": "The request body is invalid", **error}
+                for status, description in _GENERIC_ERRORS.items():
+                    responses.setdefault(status, {"description": description, **error})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

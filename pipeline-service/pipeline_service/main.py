@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
 from pipeline_service.db import create_db_engine
-from pipeline_service.errors import install_error_handlers
+from pipeline_service.errors import document_error_responses, install_error_handlers
 from pipeline_service.limits import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -39,4 +39,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, ingest, records, telemetry):
         api.include_router(module.router)
     app.include_router(api)
+    document_error_responses(app)
     return app

@@ -348,3 +348,141 @@ def test_only_a_failed_run_can_be_resumed(serve_source, make_client):
 )
 def test_storable_json_escapes_what_jsonb_cannot_hold(value, expected, altered):
     assert storable_json(value) == (expected, altered)
+
+
+def start_pipeline(database_url: str, source_url: str, **env: str):
+    """A real `pipeline-service` process on a free loopback port; returns (process, url)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "pipeline-service"), "--port", str(port)],
+        env=os.environ
+        | {"DATABASE_URL": database_url, "MOCK_SERVER_URL": source_url, "PIPELINE_API_KEY": ""}
+        | env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/api/health", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    process.kill()
+    process.wait()
+    raise AssertionError("pipeline-service did not start")
+
+
+def stop(process) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except Exception:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(serve_source, database_url, db):
+    import contextlib
+    import signal
+    import threading
+
+    import requests
+
+    records = [customer(n) for n in range(1, 301)]
+    source = serve_source(customers=records, CHAOS_LATENCY_MS=60)
+    env = {"INGEST_PAGE_SIZE": "10"}
+    first, first_url = start_pipeline(database_url, source.url, **env)
+    try:
+
+        def trigger() -> None:
+            with contextlib.suppress(requests.ConnectionError):  # it will be killed
+                requests.post(f"{first_url}/api/ingest?resource=customers", timeout=60)
+
+        threading.Thread(target=trigger, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while True:
+            with db.cursor() as cur:
+                cur.execute("SELECT coalesce(max(pages), 0) FROM ingest_run_resources")
+                if cur.fetchone()[0] >= 5:
+                    break
+            assert time.monotonic() < deadline, "the ingest made no progress"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        stop(first)
+
+    with db.cursor() as cur:
+        cur.execute("SELECT status FROM ingest_runs WHERE id = 1")
+        assert cur.fetchone()[0] == "running"  # nobody has noticed yet
+        cur.execute("SELECT next_page, pages FROM ingest_run_resources WHERE run_id = 1")
+        next_page, pages = cur.fetchone()
+        assert next_page == pages + 1
+        assert count(db, "customers") == pages * 10  # committed pages only, whole
+        cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert cur.fetchone()[0] == 0  # the dead process's lock went with its connection
+
+    second, second_url = start_pipeline(database_url, source.url, **env)
+    try:
+        source.requests.clear()
+        answer = requests.post(f"{second_url}/api/ingest?resume=1", timeout=120)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["run_id"] == 1
+        assert body["resources"]["customers"]["pages"] == 30
+        assert body["resources"]["customers"]["inserted"] == 300
+        assert min(source.pages_requested("/api/customers")) == next_page
+    finally:
+        stop(second)
+    with db.cursor() as cur:
+        cur.execute("SELECT customer_id, email FROM customers ORDER BY customer_id")
+        assert cur.fetchall() == [(r["customer_id"], r["email"]) for r in records]
+
+
+@pytest.mark.slow
+def test_two_pipeline_processes_triggered_together(serve_source, database_url, db):
+    import threading
+
+    import requests
+
+    records = [customer(n) for n in range(1, 101)]
+    source = serve_source(customers=records, CHAOS_LATENCY_MS=50)
+    env = {"INGEST_PAGE_SIZE": "10"}
+    processes = [start_pipeline(database_url, source.url, **env) for _ in range(2)]
+    answers: dict[int, requests.Response] = {}
+    try:
+        barrier = threading.Barrier(2)
+
+        def trigger(i: int, url: str) -> None:
+            barrier.wait()
+            answers[i] = requests.post(f"{url}/api/ingest?resource=customers", timeout=60)
+
+        threads = [
+            threading.Thread(target=trigger, args=(i, url)) for i, (_, url) in enumerate(processes)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        for process, _ in processes:
+            stop(process)
+    assert sorted(a.status_code for a in answers.values()) == [200, 409]
+    busy = next(a for a in answers.values() if a.status_code == 409).json()
+    assert busy["running_run_id"] == 1
+    assert count(db, "customers") == 100
+    assert sorted(source.pages_requested("/api/customers")) == list(range(1, 11))
