@@ -9,37 +9,29 @@ Guarantees:
 - unchanged records are not rewritten.
 """
 
+import hashlib
 import io
+import json
 import logging
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
-from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+import orjson
+from pydantic import ValidationError
 from sqlalchemy import (
-    Column,
     Connection,
     Engine,
-    MetaData,
-    Table,
-    Text,
-    Uuid,
-    cast,
     func,
     insert,
-    literal_column,
     select,
     text,
-    tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.schema import CreateTable
 
 from pipeline_service.models import IngestRun, IngestRunResource, RejectedRecord
 from pipeline_service.resources import RESOURCES, Resource
@@ -95,14 +87,16 @@ class Rejection:
 
 @dataclass
 class ValidatedPage:
-    valid: list[BaseModel] = field(default_factory=list)
+    valid: list[dict[str, Any]] = field(default_factory=list)
+    """The valid source records (their schema fields only), unique on key, later wins."""
     rejected: list[Rejection] = field(default_factory=list)
 
 
 def validate_page(resource: Resource, raw_records: Sequence[Any]) -> ValidatedPage:
-    """Split raw records into valid ones (deduplicated on key, later wins) and rejections."""
+    """Validate each raw record on its own: valid ones (deduplicated on key, the later
+    record winning) and rejections with their reasons, in input order."""
     result = ValidatedPage()
-    by_key: dict[tuple, BaseModel] = {}
+    by_key: dict[tuple, dict[str, Any]] = {}
     for raw in raw_records:
         try:
             record = resource.record.model_validate(raw)
@@ -113,9 +107,24 @@ def validate_page(resource: Resource, raw_records: Sequence[Any]) -> ValidatedPa
             continue
         key = resource.key_of(record)
         by_key.pop(key, None)  # re-inserting keeps dict order = position of the later record
-        by_key[key] = record
+        by_key[key] = {name: raw[name] for name in resource.fields if name in raw}
     result.valid = list(by_key.values())
     return result
+
+
+def check_page(resource: Resource, fetched: SourcePage) -> ValidatedPage:
+    """:func:`validate_page` for a fetched page, taking the one-pass fast path when the
+    whole page is valid (the common case) and the per-record path otherwise."""
+    if fetched.body is None or not resource.page_validator.all_valid(fetched.body):
+        return validate_page(resource, fetched.records)
+    fields, key = resource.fields, resource.key
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for raw in fetched.records:
+        record = {name: raw[name] for name in fields if name in raw}
+        identity = tuple(record[name] for name in key)
+        by_key.pop(identity, None)
+        by_key[identity] = record
+    return ValidatedPage(valid=list(by_key.values()))
 
 
 def _raw_key(resource: Resource, raw: Any) -> str | None:
@@ -130,115 +139,116 @@ def _raw_key(resource: Resource, raw: Any) -> str | None:
 # --- writing one page ------------------------------------------------------------------
 
 
-def _copy_value(value: Any) -> str:
-    """A value in PostgreSQL COPY text format."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, str):
-        return (
-            value.replace("\\", "\\\\")
-            .replace("\t", "\\t")
-            .replace("\n", "\\n")
-            .replace("\r", "\\r")
-        )
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, Decimal | int):
-        return str(value)
-    raise TypeError(f"cannot stage a {type(value).__name__}")
-
-
 class PageWriter:
-    """Upserts pages of validated records: COPY into a staging table, then one
-    ``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE IS DISTINCT FROM`` statement."""
+    """Upserts pages of validated source records with two statements: COPY into a temporary
+    table, then one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE source_hash IS
+    DISTINCT FROM ...``.
+
+    Each row carries a hash of its source record: a stored row is rewritten only when its
+    source record changed, so a field edited through the API (a machine's status) survives
+    re-ingesting the same record, and an unchanged re-ingest writes no row versions.
+    """
 
     def __init__(self, resource: Resource) -> None:
-        self.resource = resource
+        target = resource.table.name
         self.fields = resource.fields
-        self.stage = Table(
-            f"stage_{resource.table.name}",
-            MetaData(),
-            *(Column(c.name, c.type) for c in resource.columns),
-            prefixes=["TEMPORARY"],
-        )
-        target = resource.table
+        self.stage = f"stage_{target}"
+        columns = ", ".join(f'"{f}"' for f in (*self.fields, "source_hash"))
         changing = [f for f in self.fields if f not in resource.key]
-        # The hash of the record as taken in decides whether a stored row changes: a field
-        # edited through the API (a machine's status) survives re-ingesting the same record.
-        source_hash = cast(func.md5(cast(tuple_(*self.stage.c), Text)), Uuid).label("source_hash")
-        stmt = pg_insert(target).from_select(
-            [*self.fields, "source_hash"], select(*self.stage.c, source_hash)
+        updates = ", ".join(f'"{f}" = excluded."{f}"' for f in (*changing, "source_hash"))
+        self.create_stage = text(
+            f'CREATE TEMPORARY TABLE IF NOT EXISTS "{self.stage}" ON COMMIT DELETE ROWS '
+            f'AS SELECT {columns} FROM "{target}" WITH NO DATA'
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(resource.key),
-            set_={
-                **{f: stmt.excluded[f] for f in changing},
-                "source_hash": stmt.excluded.source_hash,
-                "updated_at": func.now(),
-            },
-            where=target.c.source_hash.is_distinct_from(stmt.excluded.source_hash),
+        # CSV with JSON's own quoting: NULL is an unquoted null, \" a quote inside a string.
+        self.copy_sql = (
+            f'COPY "{self.stage}" ({columns}) FROM STDIN '
+            "WITH (FORMAT csv, NULL 'null', ESCAPE '\\')"
         )
-        # xmax is 0 only for a freshly inserted row version.
-        self.upsert = stmt.returning(literal_column("xmax = 0").label("inserted"))
-        self.create_stage = CreateTable(self.stage, if_not_exists=True)
-        self.copy_sql = 'COPY "{}" ({}) FROM STDIN'.format(
-            self.stage.name, ", ".join(f'"{f}"' for f in self.fields)
+        self.upsert = text(
+            f"""
+            WITH written AS (
+                INSERT INTO "{target}" ({columns})
+                SELECT {columns} FROM "{self.stage}"
+                ON CONFLICT ({", ".join(f'"{k}"' for k in resource.key)}) DO UPDATE
+                SET {updates}, updated_at = now()
+                WHERE "{target}".source_hash IS DISTINCT FROM excluded.source_hash
+                RETURNING xmax = 0 AS inserted
+            )
+            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+            FROM written
+            """
         )
+        self.clear_stage = text(f'DELETE FROM "{self.stage}"')
+        self._nulls = dict.fromkeys(self.fields)
+        self._values = itemgetter(*self.fields)
 
-    def write(self, conn: Connection, records: Sequence[BaseModel]) -> tuple[int, int, int]:
-        """Upsert ``records`` (unique on key) in ``conn``'s transaction, without committing.
+    def csv_row(self, record: dict[str, Any]) -> bytes:
+        """One record as a CSV line: its fields, then the md5 of those fields."""
+        values = self._values({**self._nulls, **record})
+        row = _dumps(values)[1:-1]
+        if b"\\" in row:  # JSON escapes other than \" and \\ mean nothing to CSV
+            row = b",".join(_csv_value(v) for v in values)
+        return row + b',"' + hashlib.md5(row).hexdigest().encode() + b'"'
 
-        Returns (inserted, updated, unchanged).
-        """
+    def write(self, conn: Connection, records: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
+        """Upsert validated ``records`` (unique on key) in ``conn``'s transaction, without
+        committing. Returns (inserted, updated, unchanged)."""
         if not records:
             return 0, 0, 0
-        buffer = io.StringIO()
-        for record in records:
-            buffer.write("\t".join(_copy_value(getattr(record, f)) for f in self.fields) + "\n")
-        buffer.seek(0)
+        data = b"\n".join([self.csv_row(r) for r in records])
         conn.execute(self.create_stage)
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.copy_expert(self.copy_sql, buffer)
+            cursor.copy_expert(self.copy_sql, io.BytesIO(data), size=len(data) + 1)
         finally:
             cursor.close()
-        flags = conn.execute(self.upsert).scalars().all()
-        conn.execute(text(f'TRUNCATE "{self.stage.name}"'))
-        inserted = sum(1 for f in flags if f)
-        updated = len(flags) - inserted
-        return inserted, updated, len(records) - len(flags)
+        inserted, updated = conn.execute(self.upsert).one()
+        conn.execute(self.clear_stage)
+        return inserted, updated, len(records) - inserted - updated
+
+
+def _csv_value(value: Any) -> bytes:
+    if value is None:
+        return b"null"
+    if isinstance(value, str):
+        return b'"' + value.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+    return _dumps(value)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits, valid only in a float column
+        return json.dumps(value).encode()
 
 
 def split_orphans(
-    conn: Connection, resource: Resource, records: list[BaseModel]
-) -> tuple[list[BaseModel], list[Rejection]]:
+    conn: Connection, resource: Resource, records: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Separate records whose parent row does not exist (e.g. a reading of an unknown machine)."""
     if resource.parent is None or not records:
         return records, []
     parent = RESOURCES[resource.parent.resource]
     column = resource.parent.column
-    wanted = {getattr(r, column) for r in records}
+    wanted = {r[column] for r in records}
     known = set(
         conn.execute(
             select(parent.table.c[column]).where(parent.table.c[column].in_(wanted))
         ).scalars()
     )
+    if len(known) == len(wanted):
+        return records, []
     kept, orphans = [], []
     for record in records:
-        value = getattr(record, column)
-        if value in known:
+        if record[column] in known:
             kept.append(record)
         else:
             orphans.append(
                 Rejection(
-                    raw=record.model_dump(mode="json"),
-                    reason=f"{column}: no {parent.name[:-1]} {value!r} exists",
-                    key="/".join(
-                        str(v)
-                        for v in record.model_dump(mode="json", include=set(resource.key)).values()
-                    ),
+                    raw=record,
+                    reason=f"{column}: no {parent.name[:-1]} {record[column]!r} exists",
+                    key=_raw_key(resource, record),
                 )
             )
     return kept, orphans
@@ -432,9 +442,12 @@ class Ingest:
 
     def _ingest_resource(self, run_id: int, resource: Resource, start_page: int) -> None:
         writer = PageWriter(resource)
-        for page_no, fetched in self._pages(resource, start_page):
-            checked = validate_page(resource, fetched.records)
+        for page_no, fetched, checked in self._pages(resource, start_page):
             with self.engine.begin() as conn:
+                # A page commit need not wait for its WAL flush: the checkpoint commits with
+                # it, so a crash loses page and checkpoint together and a resume re-fetches
+                # them. The run's final commit is synchronous and flushes everything before.
+                conn.execute(text("SET LOCAL synchronous_commit = off"))
                 valid, orphans = split_orphans(conn, resource, checked.valid)
                 rejected = checked.rejected + orphans
                 inserted, updated, unchanged = writer.write(conn, valid)
@@ -467,38 +480,45 @@ class Ingest:
                 .values(done=True)
             )
 
-    def _pages(self, resource: Resource, start_page: int) -> Iterator[tuple[int, SourcePage]]:
-        """Pages from ``start_page`` on, in order; up to ``prefetch_pages`` are fetched ahead
-        while the caller writes, so at most that many pages (plus one) sit in memory."""
-        path, limit = resource.source_path, self.page_size
-        first = self.client.get_page(path, start_page, limit)
-        yield start_page, first
+    def _fetch_and_check(
+        self, resource: Resource, page_no: int
+    ) -> tuple[SourcePage, ValidatedPage]:
+        fetched = self.client.get_page(resource.source_path, page_no, self.page_size)
+        return fetched, check_page(resource, fetched)
+
+    def _pages(
+        self, resource: Resource, start_page: int
+    ) -> Iterator[tuple[int, SourcePage, ValidatedPage]]:
+        """Pages from ``start_page`` on, in order, fetched and validated. Up to
+        ``prefetch_pages`` are fetched and validated ahead, in threads, while the caller
+        writes, so at most that many pages (plus one) sit in memory."""
+        limit = self.page_size
+        first, checked = self._fetch_and_check(resource, start_page)
+        yield start_page, first, checked
         last_page = math.ceil(first.total / limit)
         if not first.records or start_page >= last_page:
             log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
             return
         upcoming = iter(range(start_page + 1, last_page + 1))
         with ThreadPoolExecutor(max(self.prefetch_pages, 1), "fetch") as pool:
-            window: deque[tuple[int, Future[SourcePage]]] = deque()
+            window: deque[tuple[int, Future]] = deque()
 
             def schedule() -> None:
                 page_no = next(upcoming, None)
                 if page_no is not None:
-                    window.append(
-                        (page_no, pool.submit(self.client.get_page, path, page_no, limit))
-                    )
+                    window.append((page_no, pool.submit(self._fetch_and_check, resource, page_no)))
 
             for _ in range(max(self.prefetch_pages, 1)):
                 schedule()
             try:
                 while window:
                     page_no, future = window.popleft()
-                    fetched = future.result()
+                    fetched, checked = future.result()
                     if not fetched.records:
                         log.info("%s: page %d was empty; stopping", resource.name, page_no)
                         return
                     schedule()
-                    yield page_no, fetched
+                    yield page_no, fetched, checked
             finally:
                 for _, future in window:
                     future.cancel()

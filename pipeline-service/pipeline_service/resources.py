@@ -4,12 +4,18 @@ Adding a resource means adding an entry here, a model, a schema and a migration.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from pydantic import BaseModel
 from sqlalchemy import Column, Table
 
 from pipeline_service.models import Customer, Machine, MachineReading
-from pipeline_service.schemas import CustomerRecord, MachineRecord, ReadingRecord
+from pipeline_service.schemas import (
+    CustomerRecord,
+    MachineRecord,
+    PageValidator,
+    ReadingRecord,
+)
 
 
 @dataclass(frozen=True)
@@ -20,7 +26,7 @@ class Parent:
     column: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Resource:
     name: str
     """URL segment on both services and the value of ``?resource=``."""
@@ -47,6 +53,10 @@ class Resource:
 
     def key_of(self, record: BaseModel) -> tuple:
         return tuple(getattr(record, name) for name in self.key)
+
+    @cached_property
+    def page_validator(self) -> PageValidator:
+        return PageValidator(self.record)
 
 
 CUSTOMERS = Resource(

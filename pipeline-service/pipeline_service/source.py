@@ -47,6 +47,8 @@ class TransientSourceError(SourceError):
 class SourcePage:
     records: list[Any]
     total: int
+    body: bytes | None = None
+    """The answer as received, for validating the whole page in one pass."""
 
 
 class SourceClient:
@@ -79,8 +81,10 @@ class SourceClient:
         """One page of a collection; raises :class:`SourceError` when it cannot be had."""
         url = f"{self.base_url}{path}"
         params = {"page": page, "limit": limit}
-        payload = self._retrying(self._get_json, url, params)
-        return _parse_page(f"{url}?page={page}&limit={limit}", payload)
+        body, payload = self._retrying.copy()(self._get_json, url, params)
+        fetched = _parse_page(f"{url}?page={page}&limit={limit}", payload)
+        fetched.body = body
+        return fetched
 
     def _get_json(self, url: str, params: dict[str, int]) -> Any:
         shown = f"{url}?page={params['page']}&limit={params['limit']}"
@@ -100,7 +104,7 @@ class SourceClient:
         if response.status_code != 200:
             raise SourceError(shown, f"answered HTTP {response.status_code}: {body[:200]!r}")
         try:
-            return _loads(body)
+            return body, _loads(body)
         except ValueError as exc:
             raise TransientSourceError(shown, f"answered with invalid JSON ({exc})") from exc
 
