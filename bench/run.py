@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from contextlib import ExitStack, closing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -45,7 +45,7 @@ CUSTOMER_COLUMNS = (
 
 
 def customer(n: int) -> dict:
-    base = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    base = datetime(2020, 1, 1, tzinfo=UTC)
     return {
         "customer_id": f"CUST{n:08d}",
         "first_name": f"First{n % 9973}",
@@ -80,7 +80,7 @@ def write_source(data_dir: Path, customers: int, readings: int) -> None:
         }
     ]
     (data_dir / "machines.json").write_bytes(orjson.dumps(machines))
-    base = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    base = datetime(2024, 1, 1, tzinfo=UTC)
     rng = random.Random(1)
     with (data_dir / "readings.json").open("wb") as out:
         out.write(b"[")
@@ -104,9 +104,7 @@ def copy_text(customers: int) -> io.StringIO:
     buffer = io.StringIO()
     for n in range(1, customers + 1):
         c = customer(n)
-        buffer.write(
-            "\t".join("\\N" if c[k] is None else str(c[k]) for k in c.keys()) + "\n"
-        )
+        buffer.write("\t".join("\\N" if c[k] is None else str(c[k]) for k in c) + "\n")
     buffer.seek(0)
     return buffer
 
@@ -163,8 +161,12 @@ class Stack:
         self.database_url = with_database(server_url, name)
         env = os.environ | {"DATABASE_URL": self.database_url}
         subprocess.run(
-            [BIN / "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [BIN / "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         mock_port, pipeline_port = free_port(), free_port()
         self.mock_url = f"http://127.0.0.1:{mock_port}"
@@ -258,7 +260,9 @@ def load_test(url: str, seconds: int = 10, connections: int = 16) -> dict:
     if wrk:
         output = subprocess.run(
             [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", url],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         rps = float(output.split("Requests/sec:")[1].split()[0])
         errors = 0
@@ -267,7 +271,8 @@ def load_test(url: str, seconds: int = 10, connections: int = 16) -> dict:
                 errors += int(output.split(marker)[1].split()[0])
         if "Socket errors:" in output:
             errors += sum(
-                int(part.split()[-1]) for part in output.split("Socket errors:")[1].split("\n")[0].split(",")
+                int(part.split()[-1])
+                for part in output.split("Socket errors:")[1].split("\n")[0].split(",")
             )
         return {"tool": "wrk", "requests_per_s": rps, "errors": errors}
     return python_load(url, seconds, connections)
@@ -357,7 +362,7 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
             seconds, body = s.ingest("readings")
             result["readings"] = readings
             result["readings_ingest_s"] = seconds
-            base = f"/api/machines/BENCH01"
+            base = "/api/machines/BENCH01"
             result["stats_ms"] = latencies_ms(s.url, [f"{base}/stats?metric=temperature"] * 20)
             result["moving_average_ms"] = latencies_ms(
                 s.url, [f"{base}/moving-average?window=5"] * 200
@@ -366,16 +371,35 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
 
 
 def print_table(results: list[dict]) -> None:
-    rows = [("records", "COPY s", "COPY rec/s", "ingest s", "ingest rec/s", "ratio",
-             "re-ingest s", "re-ingest row writes", "pipeline RSS MB", "mock RSS MB")]
+    rows = [
+        (
+            "records",
+            "COPY s",
+            "COPY rec/s",
+            "ingest s",
+            "ingest rec/s",
+            "ratio",
+            "re-ingest s",
+            "re-ingest row writes",
+            "pipeline RSS MB",
+            "mock RSS MB",
+        )
+    ]
     for r in results:
-        rows.append((
-            f"{r['records']:,}", f"{r['copy_s']:.2f}", f"{r['records'] / r['copy_s']:,.0f}",
-            f"{r['ingest_s']:.2f}", f"{r['records'] / r['ingest_s']:,.0f}",
-            f"{r['copy_s'] / r['ingest_s']:.2f}", f"{r['reingest_s']:.2f}",
-            str(r["reingest_row_writes"]), f"{r['pipeline_peak_rss_mb']:.0f}",
-            f"{r['mock_peak_rss_mb']:.0f}",
-        ))
+        rows.append(
+            (
+                f"{r['records']:,}",
+                f"{r['copy_s']:.2f}",
+                f"{r['records'] / r['copy_s']:,.0f}",
+                f"{r['ingest_s']:.2f}",
+                f"{r['records'] / r['ingest_s']:,.0f}",
+                f"{r['copy_s'] / r['ingest_s']:.2f}",
+                f"{r['reingest_s']:.2f}",
+                str(r["reingest_row_writes"]),
+                f"{r['pipeline_peak_rss_mb']:.0f}",
+                f"{r['mock_peak_rss_mb']:.0f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for i, row in enumerate(rows):
@@ -462,9 +486,11 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": sys.platform,
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    (RESULTS / "results.json").write_text(json.dumps({"machine": machine, "runs": results}, indent=2))
+    (RESULTS / "results.json").write_text(
+        json.dumps({"machine": machine, "runs": results}, indent=2)
+    )
     chart(results, RESULTS / "ingest.png")
     print(f"\nWrote {RESULTS / 'results.json'} and {RESULTS / 'ingest.png'}")
 

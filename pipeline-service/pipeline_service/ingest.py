@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -151,6 +152,7 @@ class PageWriter:
 
     def __init__(self, resource: Resource) -> None:
         target = resource.table.name
+        self.resource_name = resource.name
         self.fields = resource.fields
         self.stage = f"stage_{target}"
         columns = ", ".join(f'"{f}"' for f in (*self.fields, "source_hash"))
@@ -165,20 +167,69 @@ class PageWriter:
             f'COPY "{self.stage}" ({columns}) FROM STDIN '
             "WITH (FORMAT csv, NULL 'null', ESCAPE '\\')"
         )
-        self.upsert = text(
-            f"""
-            WITH written AS (
-                INSERT INTO "{target}" ({columns})
-                SELECT {columns} FROM "{self.stage}"
-                ON CONFLICT ({", ".join(f'"{k}"' for k in resource.key)}) DO UPDATE
-                SET {updates}, updated_at = now()
-                WHERE "{target}".source_hash IS DISTINCT FROM excluded.source_hash
-                RETURNING xmax = 0 AS inserted
+        key = ", ".join(f'"{k}"' for k in resource.key)
+        conflict = f"""
+            ON CONFLICT ({key}) DO UPDATE
+            SET {updates}, updated_at = now()
+            WHERE "{target}".source_hash IS DISTINCT FROM excluded.source_hash
+            RETURNING xmax = 0 AS inserted
+        """
+        self.positioned = resource.positioned
+        if not self.positioned:
+            self.upsert = text(
+                f"""
+                WITH written AS (
+                    INSERT INTO "{target}" ({columns}) SELECT {columns} FROM "{self.stage}"
+                    {conflict}
+                )
+                SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
+                       true
+                FROM written
+                """
             )
-            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
-            FROM written
-            """
-        )
+        else:
+            # New keys get the next positions in key order. That keeps every position
+            # exact when they all sort after the stored keys (an append, the usual case);
+            # otherwise the collection is marked for renumbering once the resource is done.
+            (k,) = resource.key
+            staged = ", ".join(f's."{f}"' for f in (*self.fields, "source_hash"))
+            self.upsert = text(
+                f"""
+                WITH fresh AS (
+                    SELECT s."{k}" FROM "{self.stage}" s
+                    WHERE NOT EXISTS (SELECT 1 FROM "{target}" t WHERE t."{k}" = s."{k}")
+                ), top AS (
+                    SELECT coalesce(max(position), 0) AS position, max("{k}") AS "{k}"
+                    FROM "{target}"
+                ), numbered AS (
+                    SELECT f."{k}", top.position + row_number() OVER (ORDER BY f."{k}") AS position
+                    FROM fresh f CROSS JOIN top
+                ), written AS (
+                    INSERT INTO "{target}" ({columns}, position)
+                    SELECT {staged}, n.position
+                    FROM "{self.stage}" s LEFT JOIN numbered n ON n."{k}" = s."{k}"
+                    {conflict}
+                )
+                SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
+                       coalesce((SELECT min("{k}") FROM fresh) > (SELECT "{k}" FROM top), true)
+                FROM written
+                """
+            )
+            self.count_inserted = text(
+                "UPDATE collection_stats SET total = total + :inserted, "
+                "positions_exact = positions_exact AND :appended WHERE resource = :resource"
+            ).bindparams(resource=resource.name)
+            self.renumber = text(
+                f"""
+                UPDATE "{target}" t SET position = r.position
+                FROM (SELECT "{k}", row_number() OVER (ORDER BY "{k}") AS position
+                      FROM "{target}") r
+                WHERE t."{k}" = r."{k}" AND t.position IS DISTINCT FROM r.position
+                """
+            )
+            self.mark_exact = text(
+                "UPDATE collection_stats SET positions_exact = true WHERE resource = :resource"
+            ).bindparams(resource=resource.name)
         self.clear_stage = text(f'DELETE FROM "{self.stage}"')
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
@@ -203,9 +254,24 @@ class PageWriter:
             cursor.copy_expert(self.copy_sql, io.BytesIO(data), size=len(data) + 1)
         finally:
             cursor.close()
-        inserted, updated = conn.execute(self.upsert).one()
+        inserted, updated, appended = conn.execute(self.upsert).one()
         conn.execute(self.clear_stage)
+        if self.positioned and (inserted or not appended):
+            conn.execute(self.count_inserted, {"inserted": inserted, "appended": appended})
         return inserted, updated, len(records) - inserted - updated
+
+    def settle_positions(self, conn: Connection) -> None:
+        """Renumber positions in key order if an ingest left them inexact (keys inserted
+        between stored ones); rows whose position is already right are not rewritten."""
+        if not self.positioned:
+            return
+        exact = conn.execute(
+            text("SELECT positions_exact FROM collection_stats WHERE resource = :r"),
+            {"r": self.resource_name},
+        ).scalar()
+        if exact is False:
+            conn.execute(self.renumber)
+            conn.execute(self.mark_exact)
 
 
 def _csv_value(value: Any) -> bytes:
@@ -369,13 +435,19 @@ class Ingest:
                 lock_conn.commit()
 
     def _running_run_id(self) -> int | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(IngestRun.id)
-                .where(IngestRun.status == "running")
-                .order_by(IngestRun.id.desc())
-                .limit(1)
-            ).scalar()
+        """The run holding the lock; it may take a moment after locking to register."""
+        for _ in range(20):
+            with self.engine.connect() as conn:
+                run_id = conn.execute(
+                    select(IngestRun.id)
+                    .where(IngestRun.status == "running")
+                    .order_by(IngestRun.id.desc())
+                    .limit(1)
+                ).scalar()
+            if run_id is not None:
+                return run_id
+            time.sleep(0.05)
+        return None
 
     def _fail_abandoned_runs(self) -> None:
         """Runs still 'running' while we hold the lock belong to a process that died."""
@@ -471,6 +543,7 @@ class Ingest:
             if rejected:
                 log.info("%s page %d: %d rejected", resource.name, page_no, len(rejected))
         with self.engine.begin() as conn:
+            writer.settle_positions(conn)
             conn.execute(
                 update(IngestRunResource)
                 .where(

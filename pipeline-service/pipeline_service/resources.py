@@ -37,6 +37,8 @@ class Resource:
     """Validates a source record and shapes the re-served one."""
     key: tuple[str, ...]
     parent: Parent | None = None
+    positioned: bool = False
+    """Served as a top-level collection whose pages are range seeks on ``position``."""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -65,6 +67,7 @@ CUSTOMERS = Resource(
     table=Customer.__table__,
     record=CustomerRecord,
     key=("customer_id",),
+    positioned=True,
 )
 MACHINES = Resource(
     name="machines",
@@ -72,6 +75,7 @@ MACHINES = Resource(
     table=Machine.__table__,
     record=MachineRecord,
     key=("machine_id",),
+    positioned=True,
 )
 READINGS = Resource(
     name="readings",

@@ -162,8 +162,12 @@ class Page(BaseModel, Generic[RecordT]):
 
     data: list[RecordT]
     total: int = Field(description="Number of records in the whole collection")
-    page: int
+    page: int | None = Field(description="The page asked for; null when walking with 'after'")
     limit: int
+    next: str | None = Field(
+        default=None,
+        description="URL of the following records (an 'after' cursor), null at the end",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -193,3 +193,59 @@ def test_bad_time_window_is_400(sample_client, params, parameter):
     response = sample_client.get("/api/machines/MCH001/readings", params=params)
     assert response.status_code == 400
     assert response.json()["error"].startswith(f"{parameter}:")
+
+
+def ids(body: dict) -> list[str]:
+    return [c["customer_id"] for c in body["data"]]
+
+
+def test_pages_stay_exact_when_new_keys_land_between_stored_ones(serve_source, make_client, db):
+    odd = [customer(n) for n in range(1, 40, 2)]
+    client = make_client(serve_source(customers=odd).url, ingest_page_size=7)
+    client.post("/api/ingest?resource=customers")
+    everything = [customer(n) for n in range(40, 0, -1)]  # the even keys fall in between
+    client.app.state.settings.mock_server_url = serve_source(customers=everything).url
+    client.post("/api/ingest?resource=customers")
+
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT total, positions_exact FROM collection_stats WHERE resource = 'customers'"
+        )
+        assert cur.fetchone() == (40, True)
+        cur.execute("SELECT customer_id FROM customers ORDER BY position")
+        assert [r[0] for r in cur.fetchall()] == [f"C{n:04d}" for n in range(1, 41)]
+    for page in range(1, 6):
+        body = client.get(f"/api/customers?page={page}&limit=9").json()
+        assert body["total"] == 40
+        assert ids(body) == [f"C{n:04d}" for n in range(page * 9 - 8, min(page * 9, 40) + 1)]
+
+
+def test_next_links_walk_every_record_once(client_with_23):
+    seen, url, hops = [], "/api/customers?limit=5", 0
+    while url:
+        body = client_with_23.get(url).json()
+        seen += ids(body)
+        url, hops = body["next"], hops + 1
+        assert hops < 10
+    assert seen == [f"C{n:04d}" for n in range(1, 24)]
+
+
+def test_reading_cursor_walks_a_time_window(sample_client):
+    window = {"from": "2024-06-01T08:05:00Z"}
+    everything = sample_client.get("/api/machines/MCH001/readings", params=window).json()
+    first = sample_client.get("/api/machines/MCH001/readings", params=window | {"limit": 2})
+    body = first.json()
+    walked = [r["timestamp"] for r in body["data"]]
+    while body["next"]:
+        assert "from=" in body["next"]
+        body = sample_client.get(body["next"]).json()
+        assert body["page"] is None
+        walked += [r["timestamp"] for r in body["data"]]
+    assert walked == [r["timestamp"] for r in everything["data"]]
+
+
+@pytest.mark.parametrize("cursor", ["nonsense!", "W10", "WyJhIiwiYiJd", ""])
+def test_a_cursor_not_given_out_is_400(client_with_23, cursor):
+    response = client_with_23.get("/api/customers", params={"after": cursor})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("after:")

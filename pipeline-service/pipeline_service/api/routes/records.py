@@ -1,10 +1,20 @@
-"""Re-serving stored records: one pair of routes per top-level resource, plus readings."""
+"""Re-serving stored records: one pair of routes per top-level resource, plus readings.
 
+PostgreSQL renders the JSON of each answer. Page P of a top-level collection is a range
+seek on ``position`` and its total a one-row read (both kept exact by the ingest), so the
+last page costs what the first does. Clients that walk everything can follow ``next``, an
+opaque ``after`` cursor that stays correct while records are being added.
+"""
+
+import base64
+import binascii
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy import func, select
+import orjson
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from sqlalchemy import ColumnElement, DateTime, Text, func, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from pipeline_service.api.deps import LimitParam, PageParam, SessionDep
@@ -15,32 +25,116 @@ router = APIRouter()
 
 NOT_FOUND = {404: {"model": ErrorBody, "description": "No such record"}}
 BAD_REQUEST = {400: {"model": ErrorBody, "description": "A parameter is invalid"}}
+AfterParam = Annotated[
+    str | None,
+    Query(max_length=2048, description="Cursor from a previous answer's 'next' (replaces page)"),
+]
 
 
-def fetch_page(session: Session, resource: Resource, page: int, limit: int, *where) -> dict:
-    """Page ``page`` of the records matching ``where``, in key order, with their total."""
-    total = session.execute(
-        select(func.count()).select_from(resource.table).where(*where)
-    ).scalar_one()
-    rows = session.execute(
-        select(*resource.columns)
-        .where(*where)
-        .order_by(*resource.key_columns)
-        .offset((page - 1) * limit)
-        .limit(limit)
-    ).mappings()
-    return {"data": [dict(r) for r in rows], "total": total, "page": page, "limit": limit}
+def json_object(resource: Resource, table=None) -> ColumnElement:
+    """The SQL expression rendering one stored row as its record's JSON object."""
+    columns = (table if table is not None else resource.table).c
+    pairs = []
+    for name in resource.fields:
+        value = columns[name]
+        if isinstance(resource.table.c[name].type, DateTime):
+            # ISO-8601 in UTC written with 'Z', as the source writes it (sessions are UTC).
+            value = func.replace(func.to_json(value).op("#>>")(text("'{}'")), "+00:00", "Z")
+        pairs += [text(f"'{name}'"), value]
+    return func.json_build_object(*pairs)
 
 
-def fetch_one(session: Session, resource: Resource, record_id: str) -> dict[str, Any]:
-    row = (
-        session.execute(select(*resource.columns).where(resource.key_columns[0] == record_id))
-        .mappings()
-        .first()
+def _encode_cursor(values: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, size: int) -> list[Any]:
+    try:
+        values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError):
+        values = None
+    if not isinstance(values, list) or len(values) != size:
+        raise HTTPException(400, "after: not a cursor this API gave out")
+    return values
+
+
+def json_page(
+    session: Session,
+    request: Request,
+    resource: Resource,
+    page: int,
+    limit: int,
+    after: str | None,
+    where: list,
+    order: list,
+) -> Response:
+    """One page as a JSON answer: records matching ``where`` in ``order`` (page ``page``, or
+    those after the cursor ``after``), their total, and a ``next`` link."""
+    table = resource.table
+    stats = None
+    if resource.positioned and not where:
+        stats = session.execute(
+            text("SELECT total, positions_exact FROM collection_stats WHERE resource = :r"),
+            {"r": resource.name},
+        ).one_or_none()
+    if stats is not None:
+        total = stats.total
+    else:
+        total = session.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+    query = select(*(table.c[name] for name in resource.fields)).where(*where)
+    if after is not None:
+        values = _decode_cursor(after, len(order))
+        if order[-1].key == "timestamp":
+            values[-1] = _parse_cursor_time(values[-1])
+        query = query.where(tuple_(*order) > tuple_(*values)).order_by(*order).limit(limit)
+    elif stats is not None and stats.positions_exact:
+        first = (page - 1) * limit
+        query = query.where(table.c.position > first, table.c.position <= first + limit).order_by(
+            table.c.position
+        )
+    else:
+        query = query.order_by(*order).offset((page - 1) * limit).limit(limit)
+    rows = query.subquery()
+    data, count, last = session.execute(
+        select(
+            func.coalesce(func.json_agg(json_object(resource, rows)), text("'[]'::json")).cast(
+                Text
+            ),
+            func.count(),
+            func.json_agg(func.json_build_array(*(rows.c[o.key] for o in order))).cast(Text),
+        ).select_from(rows)
+    ).one()
+    next_link = None
+    if count == limit:
+        last_key = orjson.loads(last)[-1]
+        params = dict(request.query_params) | {"limit": limit, "after": _encode_cursor(last_key)}
+        params.pop("page", None)
+        next_link = f"{request.url.path}?{urlencode(params)}"
+    body = (
+        b'{"data":'
+        + data.encode()
+        + b',"total":%d,"page":%s,"limit":%d,"next":%s}'
+        % (total, b"null" if after else str(page).encode(), limit, orjson.dumps(next_link))
     )
-    if row is None:
+    return Response(body, media_type="application/json")
+
+
+def _parse_cursor_time(value: Any) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise HTTPException(400, "after: not a cursor this API gave out") from None
+
+
+def json_record(session: Session, resource: Resource, record_id: str) -> Response:
+    """The stored record with key ``record_id`` as a JSON answer; 404 when there is none."""
+    found = session.execute(
+        select(json_object(resource).cast(Text)).where(resource.key_columns[0] == record_id)
+    ).scalar()
+    if found is None:
         raise HTTPException(404, f"no {resource.name[:-1]} with id {record_id!r}")
-    return dict(row)
+    return Response(found.encode(), media_type="application/json")
 
 
 def add_collection_routes(resource: Resource) -> None:
@@ -54,8 +148,14 @@ def add_collection_routes(resource: Resource) -> None:
         summary=f"List stored {resource.name} in key order",
         tags=[resource.name],
     )
-    def list_records(session: SessionDep, page: PageParam = 1, limit: LimitParam = 10) -> dict:
-        return fetch_page(session, resource, page, limit)
+    def list_records(
+        request: Request,
+        session: SessionDep,
+        page: PageParam = 1,
+        limit: LimitParam = 10,
+        after: AfterParam = None,
+    ) -> Response:
+        return json_page(session, request, resource, page, limit, after, [], resource.key_columns)
 
     @router.get(
         f"/{resource.name}/{{record_id}}",
@@ -65,12 +165,12 @@ def add_collection_routes(resource: Resource) -> None:
         summary=f"One stored {noun} by its id",
         tags=[resource.name],
     )
-    def get_record(record_id: str, session: SessionDep) -> dict:
-        return fetch_one(session, resource, record_id)
+    def get_record(record_id: str, session: SessionDep) -> Response:
+        return json_record(session, resource, record_id)
 
 
 for _resource in RESOURCES.values():
-    if _resource.parent is None:
+    if _resource.positioned:
         add_collection_routes(_resource)
 
 
@@ -106,7 +206,13 @@ def time_window(start: datetime | None, end: datetime | None) -> list:
 
 
 def require_machine(session: Session, machine_id: str) -> None:
-    fetch_one(session, MACHINES, machine_id)
+    """Raises a 404 answer unless machine ``machine_id`` is stored."""
+    table = MACHINES.table
+    if (
+        session.execute(select(table.c.machine_id).where(table.c.machine_id == machine_id)).first()
+        is None
+    ):
+        raise HTTPException(404, f"no machine with id {machine_id!r}")
 
 
 @router.get(
@@ -118,12 +224,15 @@ def require_machine(session: Session, machine_id: str) -> None:
 )
 def list_machine_readings(
     machine_id: str,
+    request: Request,
     session: SessionDep,
     page: PageParam = 1,
     limit: LimitParam = 10,
     start: FromParam = None,
     end: ToParam = None,
-) -> dict:
+    after: AfterParam = None,
+) -> Response:
     require_machine(session, machine_id)
-    where = [READINGS.table.c.machine_id == machine_id, *time_window(start, end)]
-    return fetch_page(session, READINGS, page, limit, *where)
+    table = READINGS.table
+    where = [table.c.machine_id == machine_id, *time_window(start, end)]
+    return json_page(session, request, READINGS, page, limit, after, where, [table.c.timestamp])
