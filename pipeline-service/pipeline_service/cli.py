@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -23,10 +24,18 @@ def _settings_or_exit():
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from pipeline_service.events import stop_all_listeners
     from pipeline_service.main import create_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open responses before it stops, and an event stream never
+            # ends by itself: end the streams so Ctrl-C stops the server promptly.
+            stop_all_listeners()
+            super().handle_exit(sig, frame)
+
     settings = _settings_or_exit()
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=args.host,
         port=args.port,
@@ -34,6 +43,39 @@ def serve(args: argparse.Namespace) -> None:
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
     )
+    server = Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(3)
+
+
+def watch(args: argparse.Namespace) -> None:
+    from pipeline_service.watch import watch as run_watch
+
+    sys.exit(run_watch(args.machine_id, args.url, args.interval, args.window, args.count))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _int_between(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.set_defaults(handler=serve)
-    parser.add_subparsers(title="subcommands", dest="command")
+    commands = parser.add_subparsers(title="subcommands", dest="command")
+
+    from pipeline_service.watch import default_url
+
+    watch_parser = commands.add_parser(
+        "watch",
+        help="print a machine's moving averages every interval",
+        description="Print the moving averages of a machine's newest readings as one JSON "
+        "object per interval, from a running pipeline, until Ctrl-C.",
+    )
+    watch_parser.add_argument("machine_id", help="the machine to watch, e.g. MCH001")
+    watch_parser.add_argument(
+        "--interval", type=_positive_float, default=10.0, help="seconds between lines (10)"
+    )
+    watch_parser.add_argument(
+        "--window", type=_int_between(1, 1000), default=5, help="newest readings averaged (5)"
+    )
+    watch_parser.add_argument(
+        "--url",
+        default=default_url(),
+        help="the pipeline's base URL (default: $PIPELINE_URL or http://127.0.0.1:8000)",
+    )
+    watch_parser.add_argument(
+        "--count",
+        type=_int_between(1, 2**31),
+        default=None,
+        help="stop after this many lines (default: until Ctrl-C)",
+    )
+    watch_parser.set_defaults(handler=watch)
     return parser
 
 
@@ -53,7 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args.handler(args)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly; pointing stdout at devnull
+        # spares a second BrokenPipeError when Python flushes it on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Uuid,
     false,
     func,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -67,6 +68,8 @@ class Customer(_Bookkeeping, Base):
     date_of_birth: Mapped[date | None] = mapped_column(Date)
     account_balance: Mapped[Decimal | None] = mapped_column(Numeric(15, 2))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    position: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    """1-based rank in key order, kept by the ingest so that page P is a range seek."""
 
 
 class Machine(_Bookkeeping, Base):
@@ -79,6 +82,8 @@ class Machine(_Bookkeeping, Base):
     location: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    position: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    """1-based rank in key order, kept by the ingest so that page P is a range seek."""
 
 
 class MachineReading(_Bookkeeping, Base):
@@ -92,6 +97,17 @@ class MachineReading(_Bookkeeping, Base):
     temperature: Mapped[float] = mapped_column(Double)
     speed: Mapped[float] = mapped_column(Double)
     status: Mapped[str] = mapped_column(String(20))
+
+
+class CollectionStats(Base):
+    """Per top-level collection: its exact size and whether ``position`` is exact, both
+    kept by the ingest (the only writer of those rows) in each page's transaction."""
+
+    __tablename__ = "collection_stats"
+
+    resource: Mapped[str] = mapped_column(String(50), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    positions_exact: Mapped[bool] = mapped_column(Boolean, server_default=true())
 
 
 RUN_STATUSES = ("running", "succeeded", "failed")
