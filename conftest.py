@@ -7,8 +7,12 @@ DATABASE; otherwise a private embedded server in a temporary directory.
 
 import json
 import os
+import queue
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -222,6 +226,132 @@ def make_client(database_url: str) -> Iterator[Callable[..., Any]]:
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+# --- real servers for tests that need a socket ------------------------------------------
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+class ThreadedServer:
+    """The pipeline app served by uvicorn on a loopback port from a thread."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), what="uvicorn")
+        assert self.server.started, "uvicorn did not start"
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
+
+
+class PipelineProcess:
+    """A real pipeline process (`python -m pipeline_service.cli`) on a free loopback port."""
+
+    def __init__(
+        self, database_url: str, cwd: Path, source_url: str = "http://127.0.0.1:9", **env: str
+    ) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")} | env
+        env |= {"DATABASE_URL": database_url, "MOCK_SERVER_URL": source_url}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline_service.cli", "--host", "127.0.0.1", "--port", "0"],
+            cwd=cwd,  # away from any .env of the repository
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: queue.Queue[str] = queue.Queue()
+        self.reader = threading.Thread(target=self._read_log, name="test-pipeline-log", daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                line = self.log.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise AssertionError("the second pipeline did not start") from None
+            if "Uvicorn running on " in line:
+                self.url = line.split("Uvicorn running on ", 1)[1].split()[0]
+                break
+
+    def _read_log(self) -> None:
+        for line in self.process.stderr:
+            self.log.put(line)
+
+    def stop(self) -> int:
+        """Terminate the process (by its own PID) if it still runs; its exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            status = self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            status = self.process.wait(timeout=5)
+        self.reader.join(timeout=5)
+        self.process.stderr.close()
+        return status
+
+
+def customer(n: int, **changes) -> dict:
+    """A valid customer record C00001, C00002, ... with ``changes`` applied."""
+    record = {
+        "customer_id": f"C{n:05d}",
+        "first_name": f"First{n}",
+        "last_name": f"Last{n}",
+        "email": f"user{n}@example.com",
+        "phone": "+1-555-0100",
+        "address": f"{n} Main Street",
+        "date_of_birth": "1990-01-31",
+        "account_balance": round(n * 1.25, 2),
+        "created_at": "2024-03-05T10:11:12Z",
+    }
+    return record | changes
+
+
+def machine(n: int, **changes) -> dict:
+    record = {
+        "machine_id": f"M{n:03d}",
+        "name": f"Press {n}",
+        "model": "HX-200",
+        "location": "Hall A",
+        "status": "IDLE",
+        "created_at": "2024-01-01T00:00:00Z",
+    }
+    return record | changes
+
+
+def reading(machine_n: int, minute: int, **changes) -> dict:
+    record = {
+        "machine_id": f"M{machine_n:03d}",
+        "timestamp": f"2024-06-01T08:{minute:02d}:00Z",
+        "temperature": 70.0 + minute / 10,
+        "speed": 1200,
+        "status": "STARTED",
+    }
+    return record | changes
 
 
 SAMPLE_DATA_DIR = ROOT / "mock-server" / "data"

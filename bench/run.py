@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import orjson
 import psycopg2
 import requests
+from pipeline_service.devstack import StackError, free_port, wait_healthy, with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -112,26 +112,6 @@ def copy_text(customers: int) -> io.StringIO:
 # --- processes -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url} exited with {process.returncode}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not come up")
-
-
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory (VmHWM) of a process, in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -156,8 +136,6 @@ class Stack:
             with conn.cursor() as cur:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 cur.execute(f'CREATE DATABASE "{name}"')
-        from pipeline_service.devstack import with_database
-
         self.database_url = with_database(server_url, name)
         env = os.environ | {"DATABASE_URL": self.database_url}
         subprocess.run(
@@ -182,8 +160,11 @@ class Stack:
             [BIN / "pipeline-service", "--port", str(pipeline_port)], env=env, **quiet
         )
         stack.callback(self._stop, self.pipeline)
-        wait_healthy(f"{self.mock_url}/api/health", self.mock)
-        wait_healthy(f"{self.url}/api/health", self.pipeline)
+        try:
+            wait_healthy(f"{self.mock_url}/api/health", self.mock, seconds=120)
+            wait_healthy(f"{self.url}/api/health", self.pipeline, seconds=120)
+        except StackError as exc:
+            raise SystemExit(f"bench: {exc}") from exc
 
     @staticmethod
     def _stop(process: subprocess.Popen) -> None:

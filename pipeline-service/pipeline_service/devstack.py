@@ -9,6 +9,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,7 +83,8 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
+    """Return once ``url`` answers 200; raise StackError if ``process`` exits or time runs out."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -97,10 +99,15 @@ def _wait_healthy(url: str, process: subprocess.Popen, seconds: float = 30) -> N
 
 
 def _port_free(port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
@@ -151,8 +158,8 @@ def run(args: argparse.Namespace) -> None:
         )
         processes.append(pipeline)
         mock_url, pipeline_url = env["MOCK_SERVER_URL"], f"http://127.0.0.1:{pipeline_port}"
-        _wait_healthy(f"{mock_url}/api/health", mock)
-        _wait_healthy(f"{pipeline_url}/api/health", pipeline)
+        wait_healthy(f"{mock_url}/api/health", mock)
+        wait_healthy(f"{pipeline_url}/api/health", pipeline)
 
         print("Running the first ingest ...", flush=True)
         headers = {}

@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from pipeline_service.devstack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def listening(port: int) -> bool:

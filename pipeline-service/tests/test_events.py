@@ -4,23 +4,25 @@ nothing behind."""
 
 import http.client
 import json
-import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
-from conftest import SAMPLE_DATA_DIR, load_sample, write_source_files
+from conftest import (
+    SAMPLE_DATA_DIR,
+    PipelineProcess,
+    ThreadedServer,
+    load_sample,
+    wait_until,
+    write_source_files,
+)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -28,88 +30,6 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 def reading(minute: int, temperature: float = 20.0) -> dict:
     stamp = (T0 + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z")
     return {"timestamp": stamp, "temperature": temperature, "speed": 900.0, "status": "STARTED"}
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.05)
-
-
-class ThreadedServer:
-    """The pipeline app served by uvicorn on a loopback port from a thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), what="uvicorn")
-        assert self.server.started, "uvicorn did not start"
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        if self.thread.is_alive():
-            self.server.force_exit = True
-            self.thread.join(timeout=10)
-
-
-class PipelineProcess:
-    """A second pipeline: `python -m pipeline_service.cli` in its own process."""
-
-    def __init__(self, database_url: str, cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-        env |= {"DATABASE_URL": database_url, "MOCK_SERVER_URL": "http://127.0.0.1:9"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline_service.cli", "--host", "127.0.0.1", "--port", "0"],
-            cwd=cwd,  # away from any .env of the repository
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: queue.Queue[str] = queue.Queue()
-        self.reader = threading.Thread(target=self._read_log, name="test-pipeline-log", daemon=True)
-        self.reader.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                line = self.log.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.stop()
-                raise AssertionError("the second pipeline did not start") from None
-            if "Uvicorn running on " in line:
-                self.url = line.split("Uvicorn running on ", 1)[1].split()[0]
-                break
-
-    def _read_log(self) -> None:
-        for line in self.process.stderr:
-            self.log.put(line)
-
-    def stop(self) -> int:
-        """Terminate the process (by its own PID) if it still runs; its exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            status = self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            status = self.process.wait(timeout=5)
-        self.reader.join(timeout=5)
-        self.process.stderr.close()
-        return status
 
 
 class EventStream:

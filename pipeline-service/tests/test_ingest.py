@@ -7,46 +7,14 @@ from datetime import datetime
 import pytest
 from pipeline_service.ingest import INGEST_LOCK_ID, storable_json
 
-from conftest import SAMPLE_DATA_DIR, load_sample
-
-
-def customer(n: int, **changes) -> dict:
-    record = {
-        "customer_id": f"C{n:05d}",
-        "first_name": f"First{n}",
-        "last_name": f"Last{n}",
-        "email": f"user{n}@example.com",
-        "phone": "+1-555-0100",
-        "address": f"{n} Main Street",
-        "date_of_birth": "1990-01-31",
-        "account_balance": round(n * 1.25, 2),
-        "created_at": "2024-03-05T10:11:12Z",
-    }
-    return record | changes
-
-
-def machine(n: int, **changes) -> dict:
-    record = {
-        "machine_id": f"M{n:03d}",
-        "name": f"Press {n}",
-        "model": "HX-200",
-        "location": "Hall A",
-        "status": "IDLE",
-        "created_at": "2024-01-01T00:00:00Z",
-    }
-    return record | changes
-
-
-def reading(machine_n: int, minute: int, **changes) -> dict:
-    record = {
-        "machine_id": f"M{machine_n:03d}",
-        "timestamp": f"2024-06-01T08:{minute:02d}:00Z",
-        "temperature": 70.0 + minute / 10,
-        "speed": 1200,
-        "status": "STARTED",
-    }
-    return record | changes
-
+from conftest import (
+    SAMPLE_DATA_DIR,
+    PipelineProcess,
+    customer,
+    load_sample,
+    machine,
+    reading,
+)
 
 KEY_WIDTH = {"customers": 1, "machines": 1, "machine_readings": 2}
 
@@ -350,52 +318,10 @@ def test_storable_json_escapes_what_jsonb_cannot_hold(value, expected, altered):
     assert storable_json(value) == (expected, altered)
 
 
-def start_pipeline(database_url: str, source_url: str, **env: str):
-    """A real `pipeline-service` process on a free loopback port; returns (process, url)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "pipeline-service"), "--port", str(port)],
-        env=os.environ
-        | {"DATABASE_URL": database_url, "MOCK_SERVER_URL": source_url, "PIPELINE_API_KEY": ""}
-        | env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/api/health", timeout=1).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    process.wait()
-    raise AssertionError("pipeline-service did not start")
-
-
-def stop(process) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except Exception:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
-def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(serve_source, database_url, db):
+def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(
+    serve_source, database_url, db, tmp_path
+):
     import contextlib
     import signal
     import threading
@@ -405,7 +331,8 @@ def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(serve_source, databa
     records = [customer(n) for n in range(1, 301)]
     source = serve_source(customers=records, CHAOS_LATENCY_MS=60)
     env = {"INGEST_PAGE_SIZE": "10"}
-    first, first_url = start_pipeline(database_url, source.url, **env)
+    first = PipelineProcess(database_url, tmp_path, source.url, **env)
+    first_url = first.url
     try:
 
         def trigger() -> None:
@@ -421,10 +348,10 @@ def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(serve_source, databa
                     break
             assert time.monotonic() < deadline, "the ingest made no progress"
             time.sleep(0.05)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=10)
     finally:
-        stop(first)
+        first.stop()
 
     with db.cursor() as cur:
         cur.execute("SELECT status FROM ingest_runs WHERE id = 1")
@@ -436,7 +363,8 @@ def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(serve_source, databa
         cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
         assert cur.fetchone()[0] == 0  # the dead process's lock went with its connection
 
-    second, second_url = start_pipeline(database_url, source.url, **env)
+    second = PipelineProcess(database_url, tmp_path, source.url, **env)
+    second_url = second.url
     try:
         source.requests.clear()
         answer = requests.post(f"{second_url}/api/ingest?resume=1", timeout=120)
@@ -447,14 +375,14 @@ def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(serve_source, databa
         assert body["resources"]["customers"]["inserted"] == 300
         assert min(source.pages_requested("/api/customers")) == next_page
     finally:
-        stop(second)
+        second.stop()
     with db.cursor() as cur:
         cur.execute("SELECT customer_id, email FROM customers ORDER BY customer_id")
         assert cur.fetchall() == [(r["customer_id"], r["email"]) for r in records]
 
 
 @pytest.mark.slow
-def test_two_pipeline_processes_triggered_together(serve_source, database_url, db):
+def test_two_pipeline_processes_triggered_together(serve_source, database_url, db, tmp_path):
     import threading
 
     import requests
@@ -462,7 +390,7 @@ def test_two_pipeline_processes_triggered_together(serve_source, database_url, d
     records = [customer(n) for n in range(1, 101)]
     source = serve_source(customers=records, CHAOS_LATENCY_MS=50)
     env = {"INGEST_PAGE_SIZE": "10"}
-    processes = [start_pipeline(database_url, source.url, **env) for _ in range(2)]
+    pipelines = [PipelineProcess(database_url, tmp_path, source.url, **env) for _ in range(2)]
     answers: dict[int, requests.Response] = {}
     try:
         barrier = threading.Barrier(2)
@@ -472,15 +400,15 @@ def test_two_pipeline_processes_triggered_together(serve_source, database_url, d
             answers[i] = requests.post(f"{url}/api/ingest?resource=customers", timeout=60)
 
         threads = [
-            threading.Thread(target=trigger, args=(i, url)) for i, (_, url) in enumerate(processes)
+            threading.Thread(target=trigger, args=(i, p.url)) for i, p in enumerate(pipelines)
         ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=90)
     finally:
-        for process, _ in processes:
-            stop(process)
+        for pipeline in pipelines:
+            pipeline.stop()
     assert sorted(a.status_code for a in answers.values()) == [200, 409]
     busy = next(a for a in answers.values() if a.status_code == 409).json()
     assert busy["running_run_id"] == 1

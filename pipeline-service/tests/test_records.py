@@ -5,22 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import SAMPLE_DATA_DIR, load_sample
-
-
-def customer(n: int, **changes) -> dict:
-    record = {
-        "customer_id": f"C{n:04d}",
-        "first_name": f"First{n}",
-        "last_name": f"Last{n}",
-        "email": f"user{n}@example.com",
-        "phone": None,
-        "address": None,
-        "date_of_birth": "1990-01-31",
-        "account_balance": 10.5,
-        "created_at": "2024-03-05T10:11:12Z",
-    }
-    return record | changes
+from conftest import SAMPLE_DATA_DIR, customer, load_sample
 
 
 @pytest.fixture
@@ -108,7 +93,7 @@ def test_dates_timestamps_and_balances_keep_their_form(sample_client):
 def test_pages_cover_the_collection_exactly(client_with_23, page, limit, expected_ids):
     body = client_with_23.get(f"/api/customers?page={page}&limit={limit}").json()
     assert body["total"] == 23 and body["page"] == page and body["limit"] == limit
-    assert [c["customer_id"] for c in body["data"]] == [f"C{n:04d}" for n in expected_ids]
+    assert [c["customer_id"] for c in body["data"]] == [f"C{n:05d}" for n in expected_ids]
 
 
 def test_defaults_are_page_one_of_ten(client_with_23):
@@ -213,11 +198,11 @@ def test_pages_stay_exact_when_new_keys_land_between_stored_ones(serve_source, m
         )
         assert cur.fetchone() == (40, True)
         cur.execute("SELECT customer_id FROM customers ORDER BY position")
-        assert [r[0] for r in cur.fetchall()] == [f"C{n:04d}" for n in range(1, 41)]
+        assert [r[0] for r in cur.fetchall()] == [f"C{n:05d}" for n in range(1, 41)]
     for page in range(1, 6):
         body = client.get(f"/api/customers?page={page}&limit=9").json()
         assert body["total"] == 40
-        assert ids(body) == [f"C{n:04d}" for n in range(page * 9 - 8, min(page * 9, 40) + 1)]
+        assert ids(body) == [f"C{n:05d}" for n in range(page * 9 - 8, min(page * 9, 40) + 1)]
 
 
 def test_next_links_walk_every_record_once(client_with_23):
@@ -227,7 +212,7 @@ def test_next_links_walk_every_record_once(client_with_23):
         seen += ids(body)
         url, hops = body["next"], hops + 1
         assert hops < 10
-    assert seen == [f"C{n:04d}" for n in range(1, 24)]
+    assert seen == [f"C{n:05d}" for n in range(1, 24)]
 
 
 def test_reading_cursor_walks_a_time_window(sample_client):

@@ -6,9 +6,7 @@ import pytest
 from pipeline_service.config import Settings
 from pipeline_service.source import SourceClient, SourceError, TransientSourceError
 
-from conftest import SAMPLE_DATA_DIR
-
-from .test_ingest import customer, machine, reading
+from conftest import SAMPLE_DATA_DIR, customer, machine, reading
 
 
 def settings_for(url: str, **overrides) -> Settings:
