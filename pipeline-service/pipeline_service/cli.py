@@ -5,7 +5,9 @@ import logging
 import os
 import sys
 
+import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 
 def _settings_or_exit():
@@ -21,29 +23,35 @@ def _settings_or_exit():
         sys.exit(2)
 
 
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig, frame) -> None:
+        # uvicorn waits for open responses before it stops, and an event stream never
+        # ends by itself: end the streams so Ctrl-C stops the server promptly.
+        from pipeline_service.events import stop_all_listeners
+
+        stop_all_listeners()
+        super().handle_exit(sig, frame)
+
+
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from pipeline_service.events import stop_all_listeners
-    from pipeline_service.main import create_app
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # uvicorn waits for open responses before it stops, and an event stream never
-            # ends by itself: end the streams so Ctrl-C stops the server promptly.
-            stop_all_listeners()
-            super().handle_exit(sig, frame)
-
     settings = _settings_or_exit()
+    workers = args.workers or settings.pipeline_workers
     config = uvicorn.Config(
-        create_app(settings),
+        "pipeline_service.main:create_app",
+        factory=True,
         host=args.host,
         port=args.port,
-        workers=1,
+        workers=workers,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
+        # Worker processes cannot use _Server: there open event streams are cut this late.
+        timeout_graceful_shutdown=3,
     )
-    server = Server(config)
+    if workers > 1:
+        # Several processes share one listening socket; each runs the app on its own.
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = _Server(config)
     server.run()
     if not server.started:
         sys.exit(3)
@@ -85,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument(
+        "--workers",
+        type=_int_between(1, 32),
+        default=None,
+        help="server processes (default: PIPELINE_WORKERS, else 1)",
+    )
     parser.set_defaults(handler=serve)
     commands = parser.add_subparsers(title="subcommands", dest="command")
 

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     pipeline_api_key: str | None = Field(
         default=None, description="When set, POST endpoints need 'Authorization: Bearer <key>'"
     )
+    pipeline_workers: int = Field(
+        default=1, ge=1, le=32, description="Server processes sharing the port (one per core)"
+    )
     log_level: str = Field(default="INFO", description="Python logging level")
 
     @field_validator("database_url")

@@ -89,7 +89,7 @@ class Rejection:
 @dataclass
 class ValidatedPage:
     valid: list[dict[str, Any]] = field(default_factory=list)
-    """The valid source records (their schema fields only), unique on key, later wins."""
+    """The valid source records, unique on key (the later record wins)."""
     rejected: list[Rejection] = field(default_factory=list)
 
 
@@ -108,7 +108,7 @@ def validate_page(resource: Resource, raw_records: Sequence[Any]) -> ValidatedPa
             continue
         key = resource.key_of(record)
         by_key.pop(key, None)  # re-inserting keeps dict order = position of the later record
-        by_key[key] = {name: raw[name] for name in resource.fields if name in raw}
+        by_key[key] = raw
     result.valid = list(by_key.values())
     return result
 
@@ -118,14 +118,8 @@ def check_page(resource: Resource, fetched: SourcePage) -> ValidatedPage:
     whole page is valid (the common case) and the per-record path otherwise."""
     if fetched.body is None or not resource.page_validator.all_valid(fetched.body):
         return validate_page(resource, fetched.records)
-    fields, key = resource.fields, resource.key
-    by_key: dict[tuple, dict[str, Any]] = {}
-    for raw in fetched.records:
-        record = {name: raw[name] for name in fields if name in raw}
-        identity = tuple(record[name] for name in key)
-        by_key.pop(identity, None)
-        by_key[identity] = record
-    return ValidatedPage(valid=list(by_key.values()))
+    key_of = itemgetter(*resource.key)
+    return ValidatedPage(valid=list({key_of(raw): raw for raw in fetched.records}.values()))
 
 
 def _raw_key(resource: Resource, raw: Any) -> str | None:
@@ -196,8 +190,13 @@ class PageWriter:
             self.upsert = text(
                 f"""
                 WITH fresh AS (
+                    -- A LATERAL probe per staged key: an index lookup each, where a plain
+                    -- NOT EXISTS may be planned as a scan of the whole table per page.
                     SELECT s."{k}" FROM "{self.stage}" s
-                    WHERE NOT EXISTS (SELECT 1 FROM "{target}" t WHERE t."{k}" = s."{k}")
+                    LEFT JOIN LATERAL (
+                        SELECT true AS stored FROM "{target}" t WHERE t."{k}" = s."{k}" LIMIT 1
+                    ) found ON true
+                    WHERE found.stored IS NULL
                 ), top AS (
                     SELECT coalesce(max(position), 0) AS position, max("{k}") AS "{k}"
                     FROM "{target}"
@@ -236,7 +235,10 @@ class PageWriter:
 
     def csv_row(self, record: dict[str, Any]) -> bytes:
         """One record as a CSV line: its fields, then the md5 of those fields."""
-        values = self._values({**self._nulls, **record})
+        try:
+            values = self._values(record)
+        except KeyError:  # optional fields left out of the record
+            values = self._values({**self._nulls, **record})
         row = _dumps(values)[1:-1]
         if b"\\" in row:  # JSON escapes other than \" and \\ mean nothing to CSV
             row = b",".join(_csv_value(v) for v in values)

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import requests
+import urllib3
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -89,11 +90,15 @@ class SourceClient:
     def _get_json(self, url: str, params: dict[str, int]) -> Any:
         shown = f"{url}?page={params['page']}&limit={params['limit']}"
         try:
-            response = self.session.get(url, params=params, timeout=self.timeout)
-            body = response.content
+            response = self.session.get(url, params=params, timeout=self.timeout, stream=True)
+            try:
+                body = response.raw.read(decode_content=True)  # one read: no chunk loop
+            finally:
+                response.close()
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TransientSourceError(shown, _short(exc)) from exc
-        except requests.RequestException as exc:  # body cut short, bad encoding, ...
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            # a body cut short, a connection reset mid-body, a bad encoding, ...
             raise TransientSourceError(shown, f"broken response: {_short(exc)}") from exc
         if response.status_code in RETRY_STATUSES:
             raise TransientSourceError(

@@ -1,7 +1,7 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from pipeline_service.api.deps import SessionDep
 
@@ -12,7 +12,13 @@ router = APIRouter(tags=["health"])
 def health(session: SessionDep) -> JSONResponse:
     """200 when PostgreSQL answers, 503 when it does not."""
     try:
-        session.execute(text("SELECT 1"))
+        try:
+            session.execute(text("SELECT 1"))
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            session.rollback()  # a connection from before a restart: try a fresh one
+            session.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         return JSONResponse(

@@ -14,10 +14,10 @@ from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from sqlalchemy import ColumnElement, DateTime, Text, func, select, text, tuple_
+from sqlalchemy import Connection, DateTime, TextClause, select, text
 from sqlalchemy.orm import Session
 
-from pipeline_service.api.deps import LimitParam, PageParam, SessionDep
+from pipeline_service.api.deps import LimitParam, PageParam
 from pipeline_service.resources import MACHINES, READINGS, RESOURCES, Resource
 from pipeline_service.schemas import ErrorBody, Page
 
@@ -31,17 +31,46 @@ AfterParam = Annotated[
 ]
 
 
-def json_object(resource: Resource, table=None) -> ColumnElement:
-    """The SQL expression rendering one stored row as its record's JSON object."""
-    columns = (table if table is not None else resource.table).c
-    pairs = []
-    for name in resource.fields:
-        value = columns[name]
-        if isinstance(resource.table.c[name].type, DateTime):
-            # ISO-8601 in UTC written with 'Z', as the source writes it (sessions are UTC).
-            value = func.replace(func.to_json(value).op("#>>")(text("'{}'")), "+00:00", "Z")
-        pairs += [text(f"'{name}'"), value]
-    return func.json_build_object(*pairs)
+class ServingQueries:
+    """The SQL that renders one resource's stored rows as JSON, built once per resource.
+
+    Identifiers come from the resource definition only; every value is a bound parameter.
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        self.table = resource.table.name
+        selected = []
+        for name in resource.fields:
+            if isinstance(resource.table.c[name].type, DateTime):
+                # ISO-8601 in UTC written with 'Z', as the source writes it (sessions are UTC).
+                selected.append(
+                    f"replace(to_json(\"{name}\") #>> '{{}}', '+00:00', 'Z') AS \"{name}\""
+                )
+            else:
+                selected.append(f'"{name}"')
+        self.select = ", ".join(selected)
+        self.one = text(
+            f'SELECT row_to_json(r)::text FROM (SELECT {self.select} FROM "{self.table}" '
+            f'WHERE "{resource.key[-1]}" = :id) r'
+        )
+
+    def page(self, where: list[str], order: list[str], seek: str, tail: str) -> TextClause:
+        """Rows matching ``where`` and ``seek``, in ``order``, then ``tail`` (LIMIT/OFFSET):
+        their JSON array and count."""
+        conditions = " AND ".join([*where, seek] if seek else where) or "true"
+        ordered = ", ".join(f'"{o}"' for o in order)
+        return text(
+            f"SELECT coalesce(json_agg(r ORDER BY {ordered}), '[]')::text, count(*) "
+            f'FROM (SELECT {self.select} FROM "{self.table}" '
+            f"WHERE {conditions} ORDER BY {ordered} {tail}) r"
+        )
+
+    def count(self, where: list[str]) -> TextClause:
+        return text(f'SELECT count(*) FROM "{self.table}" WHERE {" AND ".join(where) or "true"}')
+
+
+QUERIES = {name: ServingQueries(resource) for name, resource in RESOURCES.items()}
+STATS = text("SELECT total, positions_exact FROM collection_stats WHERE resource = :resource")
 
 
 def _encode_cursor(values: list[Any]) -> str:
@@ -55,83 +84,87 @@ def _decode_cursor(cursor: str, size: int) -> list[Any]:
         values = None
     if not isinstance(values, list) or len(values) != size:
         raise HTTPException(400, "after: not a cursor this API gave out")
+    if not all(isinstance(v, str) for v in values):
+        raise HTTPException(400, "after: not a cursor this API gave out")
     return values
 
 
 def json_page(
-    session: Session,
+    conn: Connection,
     request: Request,
     resource: Resource,
     page: int,
     limit: int,
     after: str | None,
-    where: list,
-    order: list,
+    where: dict[str, Any],
+    order: list[str],
 ) -> Response:
-    """One page as a JSON answer: records matching ``where`` in ``order`` (page ``page``, or
-    those after the cursor ``after``), their total, and a ``next`` link."""
-    table = resource.table
-    stats = None
-    if resource.positioned and not where:
-        stats = session.execute(
-            text("SELECT total, positions_exact FROM collection_stats WHERE resource = :r"),
-            {"r": resource.name},
-        ).one_or_none()
-    if stats is not None:
-        total = stats.total
-    else:
-        total = session.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+    """One page as a JSON answer: records matching ``where`` (column = value, plus the
+    'from'/'to' bounds of a time window) in ``order`` (page ``page``, or the records after
+    the cursor ``after``), their exact total, and a ``next`` link."""
+    queries = QUERIES[resource.name]
+    params: dict[str, Any] = {"limit": limit}
+    conditions = []
+    for column, value in where.items():
+        if column == "from":
+            conditions.append('"timestamp" >= :window_from')
+            params["window_from"] = value
+        elif column == "to":
+            conditions.append('"timestamp" <= :window_to')
+            params["window_to"] = value
+        else:
+            conditions.append(f'"{column}" = :{column}')
+            params[column] = value
 
-    query = select(*(table.c[name] for name in resource.fields)).where(*where)
+    stats = None
+    if resource.positioned and not conditions:
+        stats = conn.execute(STATS, {"resource": resource.name}).one_or_none()
+    total = stats.total if stats else conn.execute(queries.count(conditions), params).scalar_one()
+
     if after is not None:
         values = _decode_cursor(after, len(order))
-        if order[-1].key == "timestamp":
-            values[-1] = _parse_cursor_time(values[-1])
-        query = query.where(tuple_(*order) > tuple_(*values)).order_by(*order).limit(limit)
+        names = [f"after_{i}" for i in range(len(order))]
+        params |= dict(zip(names, values, strict=True))
+        if order[-1] == "timestamp":
+            params[names[-1]] = _parse_cursor_time(values[-1])
+        columns = ", ".join(f'"{o}"' for o in order)
+        seek = f"({columns}) > ({', '.join(':' + n for n in names)})"
+        query = queries.page(conditions, order, seek, "LIMIT :limit")
     elif stats is not None and stats.positions_exact:
-        first = (page - 1) * limit
-        query = query.where(table.c.position > first, table.c.position <= first + limit).order_by(
-            table.c.position
-        )
+        params |= {"first": (page - 1) * limit, "last": page * limit}
+        query = queries.page(conditions, order, "position > :first AND position <= :last", "")
     else:
-        query = query.order_by(*order).offset((page - 1) * limit).limit(limit)
-    rows = query.subquery()
-    data, count, last = session.execute(
-        select(
-            func.coalesce(func.json_agg(json_object(resource, rows)), text("'[]'::json")).cast(
-                Text
-            ),
-            func.count(),
-            func.json_agg(func.json_build_array(*(rows.c[o.key] for o in order))).cast(Text),
-        ).select_from(rows)
-    ).one()
+        params["offset"] = (page - 1) * limit
+        query = queries.page(conditions, order, "", "LIMIT :limit OFFSET :offset")
+    data, count = conn.execute(query, params).one()
+
     next_link = None
     if count == limit:
-        last_key = orjson.loads(last)[-1]
-        params = dict(request.query_params) | {"limit": limit, "after": _encode_cursor(last_key)}
-        params.pop("page", None)
-        next_link = f"{request.url.path}?{urlencode(params)}"
-    body = (
-        b'{"data":'
-        + data.encode()
-        + b',"total":%d,"page":%s,"limit":%d,"next":%s}'
-        % (total, b"null" if after else str(page).encode(), limit, orjson.dumps(next_link))
+        last = orjson.loads(data)[-1]
+        cursor = _encode_cursor([last[o] for o in order])
+        query_params = dict(request.query_params) | {"limit": limit, "after": cursor}
+        query_params.pop("page", None)
+        next_link = f"{request.url.path}?{urlencode(query_params)}"
+    body = b'{"data":%s,"total":%d,"page":%s,"limit":%d,"next":%s}' % (
+        data.encode(),
+        total,
+        b"null" if after else str(page).encode(),
+        limit,
+        orjson.dumps(next_link),
     )
     return Response(body, media_type="application/json")
 
 
-def _parse_cursor_time(value: Any) -> datetime:
+def _parse_cursor_time(value: str) -> datetime:
     try:
         return datetime.fromisoformat(value)
-    except (TypeError, ValueError):
+    except ValueError:
         raise HTTPException(400, "after: not a cursor this API gave out") from None
 
 
-def json_record(session: Session, resource: Resource, record_id: str) -> Response:
+def json_record(conn: Connection, resource: Resource, record_id: str) -> Response:
     """The stored record with key ``record_id`` as a JSON answer; 404 when there is none."""
-    found = session.execute(
-        select(json_object(resource).cast(Text)).where(resource.key_columns[0] == record_id)
-    ).scalar()
+    found = conn.execute(QUERIES[resource.name].one, {"id": record_id}).scalar()
     if found is None:
         raise HTTPException(404, f"no {resource.name[:-1]} with id {record_id!r}")
     return Response(found.encode(), media_type="application/json")
@@ -149,13 +182,10 @@ def add_collection_routes(resource: Resource) -> None:
         tags=[resource.name],
     )
     def list_records(
-        request: Request,
-        session: SessionDep,
-        page: PageParam = 1,
-        limit: LimitParam = 10,
-        after: AfterParam = None,
+        request: Request, page: PageParam = 1, limit: LimitParam = 10, after: AfterParam = None
     ) -> Response:
-        return json_page(session, request, resource, page, limit, after, [], resource.key_columns)
+        with request.app.state.engine.connect() as conn:
+            return json_page(conn, request, resource, page, limit, after, {}, list(resource.key))
 
     @router.get(
         f"/{resource.name}/{{record_id}}",
@@ -165,8 +195,9 @@ def add_collection_routes(resource: Resource) -> None:
         summary=f"One stored {noun} by its id",
         tags=[resource.name],
     )
-    def get_record(record_id: str, session: SessionDep) -> Response:
-        return json_record(session, resource, record_id)
+    def get_record(record_id: str, request: Request) -> Response:
+        with request.app.state.engine.connect() as conn:
+            return json_record(conn, resource, record_id)
 
 
 for _resource in RESOURCES.values():
@@ -205,7 +236,7 @@ def time_window(start: datetime | None, end: datetime | None) -> list:
     return clauses
 
 
-def require_machine(session: Session, machine_id: str) -> None:
+def require_machine(session: Session | Connection, machine_id: str) -> None:
     """Raises a 404 answer unless machine ``machine_id`` is stored."""
     table = MACHINES.table
     if (
@@ -225,14 +256,18 @@ def require_machine(session: Session, machine_id: str) -> None:
 def list_machine_readings(
     machine_id: str,
     request: Request,
-    session: SessionDep,
     page: PageParam = 1,
     limit: LimitParam = 10,
     start: FromParam = None,
     end: ToParam = None,
     after: AfterParam = None,
 ) -> Response:
-    require_machine(session, machine_id)
-    table = READINGS.table
-    where = [table.c.machine_id == machine_id, *time_window(start, end)]
-    return json_page(session, request, READINGS, page, limit, after, where, [table.c.timestamp])
+    time_window(start, end)  # validates the window
+    where: dict[str, Any] = {"machine_id": machine_id}
+    if start is not None:
+        where["from"] = as_utc(start)
+    if end is not None:
+        where["to"] = as_utc(end)
+    with request.app.state.engine.connect() as conn:
+        require_machine(conn, machine_id)
+        return json_page(conn, request, READINGS, page, limit, after, where, ["timestamp"])
