@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 N ?= 100000
+READINGS ?= 0
 
-.PHONY: install run test lint psql bench clean
+.PHONY: install run test psql bench clean
 
 install: $(STAMP)
 
@@ -28,7 +29,8 @@ psql: install
 	@$(BIN)/python -m pipeline_service.devstack psql
 
 bench: install
-	$(BIN)/python bench/run.py --records $(N)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -r bench/requirements.txt
+	$(BIN)/python bench/run.py --records $(N) --readings $(READINGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
