@@ -230,11 +230,18 @@ class PageWriter:
                 "UPDATE collection_stats SET positions_exact = true WHERE resource = :resource"
             ).bindparams(resource=resource.name)
         self.clear_stage = text(f'DELETE FROM "{self.stage}"')
+        self.find_digests = text(
+            f'SELECT source_hash::text FROM "{target}" '
+            "WHERE source_hash = ANY(CAST(:digests AS uuid[]))"
+        )
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
-    def csv_row(self, record: dict[str, Any]) -> bytes:
-        """One record as a CSV line: its fields, then the md5 of those fields."""
+    def csv_row(self, record: dict[str, Any]) -> tuple[bytes, str]:
+        """One record as a CSV line (its fields, then the md5 of those fields) and that md5.
+
+        Any JSON object gives a line; only valid records' lines are ever written.
+        """
         try:
             values = self._values(record)
         except KeyError:  # optional fields left out of the record
@@ -242,14 +249,32 @@ class PageWriter:
         row = _dumps(values)[1:-1]
         if b"\\" in row:  # JSON escapes other than \" and \\ mean nothing to CSV
             row = b",".join(_csv_value(v) for v in values)
-        return row + b',"' + hashlib.md5(row).hexdigest().encode() + b'"'
+        digest = hashlib.md5(row).hexdigest()
+        return row + b',"' + digest.encode() + b'"', digest
 
-    def write(self, conn: Connection, records: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
+    def stored_unchanged(self, conn: Connection, digests: Sequence[str]) -> set[str]:
+        """Those of ``digests`` that some stored row carries: a record whose digest is stored
+        is, field for field, a row already taken in (and validated) before."""
+        if not digests:
+            return set()
+        # One array literal is much cheaper to send than a list of a thousand parameters.
+        literal = "{" + ",".join(digests) + "}"
+        found = conn.execute(self.find_digests, {"digests": literal}).scalars()
+        return {value.replace("-", "") for value in found}
+
+    def write(
+        self,
+        conn: Connection,
+        records: Sequence[dict[str, Any]],
+        rows: dict[int, bytes] | None = None,
+    ) -> tuple[int, int, int]:
         """Upsert validated ``records`` (unique on key) in ``conn``'s transaction, without
-        committing. Returns (inserted, updated, unchanged)."""
+        committing; ``rows`` may hold their CSV lines already made, by ``id(record)``.
+        Returns (inserted, updated, unchanged)."""
         if not records:
             return 0, 0, 0
-        data = b"\n".join([self.csv_row(r) for r in records])
+        rows = rows or {}
+        data = b"\n".join([rows.get(id(r)) or self.csv_row(r)[0] for r in records])
         conn.execute(self.create_stage)
         cursor = conn.connection.dbapi_connection.cursor()
         try:
@@ -371,6 +396,56 @@ def storable_json(value: Any) -> tuple[Any, bool]:
             altered = altered or a1 or a2
         return out, altered
     return value, False
+
+
+@dataclass
+class PreparedPage:
+    """A fetched page made ready in a fetch thread: each record's CSV line and digest, and,
+    when nothing can be stored yet, its validation too."""
+
+    resource: Resource
+    fetched: SourcePage
+    digests: dict[int, str]
+    """By position in the page: the digest of each record that could be rendered and whose
+    key occurs once in the page (only those may be found unchanged)."""
+    rows: dict[int, bytes]
+    """By ``id(record)``: the CSV line of each record that could be rendered."""
+    checked: ValidatedPage | None = None
+
+    @classmethod
+    def of(
+        cls, resource: Resource, writer: PageWriter, fetched: SourcePage, validate: bool
+    ) -> "PreparedPage":
+        digests, rows, keys = {}, {}, {}
+        key_of = itemgetter(*resource.key)
+        for i, raw in enumerate(fetched.records):
+            try:
+                rows[id(raw)], digest = writer.csv_row(raw)
+                key = key_of(raw)
+                hash(key)
+            except (TypeError, KeyError, ValueError):
+                continue
+            digests[i] = digest
+            keys.setdefault(key, []).append(i)
+        for positions in keys.values():
+            if len(positions) > 1:
+                for i in positions:
+                    del digests[i]
+        checked = check_page(resource, fetched) if validate else None
+        return cls(resource, fetched, digests, rows, checked)
+
+    def check(self, conn: Connection, writer: PageWriter) -> tuple[int, ValidatedPage]:
+        """How many records are stored exactly as they are (skipped: already validated and
+        written), and the validation of the others. Runs in the page's transaction, after
+        the previous pages committed, so a later record always wins."""
+        if self.checked is not None:
+            return 0, self.checked
+        stored = writer.stored_unchanged(conn, list(self.digests.values()))
+        same = {i for i, digest in self.digests.items() if digest in stored}
+        if not same:
+            return 0, check_page(self.resource, self.fetched)
+        rest = [raw for i, raw in enumerate(self.fetched.records) if i not in same]
+        return len(same), validate_page(self.resource, rest)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -516,15 +591,21 @@ class Ingest:
 
     def _ingest_resource(self, run_id: int, resource: Resource, start_page: int) -> None:
         writer = PageWriter(resource)
-        for page_no, fetched, checked in self._pages(resource, start_page):
+        with self.engine.connect() as conn:
+            # Into an empty table no record can be found unchanged: validate every page
+            # ahead, in the fetch threads, instead of looking for stored records first.
+            key = resource.key_columns[0]
+            validate_ahead = conn.execute(select(key).limit(1)).first() is None
+        for page_no, page in self._pages(resource, writer, start_page, validate_ahead):
             with self.engine.begin() as conn:
                 # A page commit need not wait for its WAL flush: the checkpoint commits with
                 # it, so a crash loses page and checkpoint together and a resume re-fetches
                 # them. The run's final commit is synchronous and flushes everything before.
                 conn.execute(text("SET LOCAL synchronous_commit = off"))
+                skipped, checked = page.check(conn, writer)
                 valid, orphans = split_orphans(conn, resource, checked.valid)
                 rejected = checked.rejected + orphans
-                inserted, updated, unchanged = writer.write(conn, valid)
+                inserted, updated, unchanged = writer.write(conn, valid, page.rows)
                 store_rejections(conn, resource, rejected, run_id, page_no)
                 conn.execute(
                     update(IngestRunResource)
@@ -535,10 +616,10 @@ class Ingest:
                     .values(
                         next_page=page_no + 1,
                         pages=IngestRunResource.pages + 1,
-                        fetched=IngestRunResource.fetched + len(fetched.records),
+                        fetched=IngestRunResource.fetched + len(page.fetched.records),
                         inserted=IngestRunResource.inserted + inserted,
                         updated=IngestRunResource.updated + updated,
-                        unchanged=IngestRunResource.unchanged + unchanged,
+                        unchanged=IngestRunResource.unchanged + unchanged + skipped,
                         rejected=IngestRunResource.rejected + len(rejected),
                     )
                 )
@@ -555,23 +636,23 @@ class Ingest:
                 .values(done=True)
             )
 
-    def _fetch_and_check(
-        self, resource: Resource, page_no: int
-    ) -> tuple[SourcePage, ValidatedPage]:
+    def _fetch_and_prepare(
+        self, resource: Resource, writer: PageWriter, page_no: int, validate: bool
+    ) -> PreparedPage:
         fetched = self.client.get_page(resource.source_path, page_no, self.page_size)
-        return fetched, check_page(resource, fetched)
+        return PreparedPage.of(resource, writer, fetched, validate)
 
     def _pages(
-        self, resource: Resource, start_page: int
-    ) -> Iterator[tuple[int, SourcePage, ValidatedPage]]:
-        """Pages from ``start_page`` on, in order, fetched and validated. Up to
-        ``prefetch_pages`` are fetched and validated ahead, in threads, while the caller
+        self, resource: Resource, writer: PageWriter, start_page: int, validate: bool
+    ) -> Iterator[tuple[int, PreparedPage]]:
+        """Pages from ``start_page`` on, in order, fetched and prepared. Up to
+        ``prefetch_pages`` are fetched and prepared ahead, in threads, while the caller
         writes, so at most that many pages (plus one) sit in memory."""
         limit = self.page_size
-        first, checked = self._fetch_and_check(resource, start_page)
-        yield start_page, first, checked
-        last_page = math.ceil(first.total / limit)
-        if not first.records or start_page >= last_page:
+        first = self._fetch_and_prepare(resource, writer, start_page, validate)
+        yield start_page, first
+        last_page = math.ceil(first.fetched.total / limit)
+        if not first.fetched.records or start_page >= last_page:
             log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
             return
         upcoming = iter(range(start_page + 1, last_page + 1))
@@ -581,19 +662,22 @@ class Ingest:
             def schedule() -> None:
                 page_no = next(upcoming, None)
                 if page_no is not None:
-                    window.append((page_no, pool.submit(self._fetch_and_check, resource, page_no)))
+                    future = pool.submit(
+                        self._fetch_and_prepare, resource, writer, page_no, validate
+                    )
+                    window.append((page_no, future))
 
             for _ in range(max(self.prefetch_pages, 1)):
                 schedule()
             try:
                 while window:
                     page_no, future = window.popleft()
-                    fetched, checked = future.result()
-                    if not fetched.records:
+                    page = future.result()
+                    if not page.fetched.records:
                         log.info("%s: page %d was empty; stopping", resource.name, page_no)
                         return
                     schedule()
-                    yield page_no, fetched, checked
+                    yield page_no, page
             finally:
                 for _, future in window:
                     future.cancel()

@@ -49,7 +49,7 @@ class _Bookkeeping:
     """When the ingest first stored a row, when it last changed it, and a hash of the source
     record it last took in (so an unchanged source record is never written again)."""
 
-    source_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    source_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     ingested_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )

@@ -414,3 +414,39 @@ def test_two_pipeline_processes_triggered_together(serve_source, database_url, d
     assert busy["running_run_id"] == 1
     assert count(db, "customers") == 100
     assert sorted(source.pages_requested("/api/customers")) == list(range(1, 11))
+
+
+def test_a_reingest_skips_stored_records_but_the_later_record_still_wins(
+    serve_source, make_client, db
+):
+    first = [customer(n) for n in range(1, 7)]
+    client = make_client(serve_source(customers=first).url, ingest_page_size=3)
+    client.post("/api/ingest?resource=customers")
+
+    changed = customer(1, first_name="changed")
+    second = [
+        changed,  # page 1: C00001 changes ...
+        customer(2),
+        customer(3),
+        customer(1),  # page 2: ... and changes back to what was stored before
+        customer(4, first_name="new name"),
+        customer(4),  # the later record wins within a page too
+        customer(5),
+    ]
+    client.app.state.settings.mock_server_url = serve_source(customers=second).url
+    body = client.post("/api/ingest?resource=customers").json()
+    counts = body["resources"]["customers"]
+    assert counts["updated"] == 2  # C00001 twice; C00004 ends as it was
+    assert counts["unchanged"] == 4 and counts["rejected"] == 0
+    assert client.get("/api/customers/C00001").json()["first_name"] == "First1"
+    assert client.get("/api/customers/C00004").json()["first_name"] == "First4"
+
+
+def test_invalid_records_are_rejected_again_on_every_run(serve_source, make_client, db):
+    records = [customer(1), customer(2, date_of_birth="1990-02-30")]
+    client = make_client(serve_source(customers=records).url)
+    for run in (1, 2):
+        body = client.post("/api/ingest?resource=customers").json()
+        assert body["rejected"] == 1
+        assert body["resources"]["customers"]["unchanged"] == (run == 2)
+    assert count(db, "rejected_records") == 2
