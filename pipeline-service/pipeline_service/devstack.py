@@ -165,9 +165,13 @@ def run(args: argparse.Namespace) -> None:
         headers = {}
         if os.environ.get("PIPELINE_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['PIPELINE_API_KEY']}"
-        answer = requests.post(f"{pipeline_url}/api/ingest", headers=headers, timeout=600)
-        summary = answer.json()
-        print(_banner(mock_url, pipeline_url, summary, answer.status_code), flush=True)
+        try:
+            answer = requests.post(f"{pipeline_url}/api/ingest", headers=headers, timeout=3600)
+            summary, status = answer.json(), answer.status_code
+        except (requests.RequestException, ValueError) as exc:
+            # The services keep running: the ingest can be retried with curl.
+            summary, status = {"error": str(exc)}, 0
+        print(_banner(mock_url, pipeline_url, summary, status), flush=True)
         while all(p.poll() is None for p in processes):
             time.sleep(0.5)
         raise StackError("a service stopped unexpectedly; see its log above")
@@ -188,7 +192,7 @@ def _banner(mock_url: str, pipeline_url: str, summary: dict, status: int) -> str
             f"Ingest run {summary['run_id']}: {summary['records_processed']} records ({counts})"
         )
     else:
-        ingest = f"First ingest failed with HTTP {status}: {summary.get('error')}"
+        ingest = f"First ingest failed (HTTP {status or '-'}): {summary.get('error')}"
     return f"""
 {ingest}
 

@@ -152,13 +152,15 @@ class PageWriter:
         columns = ", ".join(f'"{f}"' for f in (*self.fields, "source_hash"))
         changing = [f for f in self.fields if f not in resource.key]
         updates = ", ".join(f'"{f}" = excluded."{f}"' for f in (*changing, "source_hash"))
+        # ord: the record's place in the page, so that PostgreSQL (which knows when two
+        # timestamps written differently are the same instant) keeps the later duplicate.
         self.create_stage = text(
             f'CREATE TEMPORARY TABLE IF NOT EXISTS "{self.stage}" ON COMMIT DELETE ROWS '
-            f'AS SELECT {columns} FROM "{target}" WITH NO DATA'
+            f'AS SELECT {columns}, 0::bigint AS ord FROM "{target}" WITH NO DATA'
         )
         # CSV with JSON's own quoting: NULL is an unquoted null, \" a quote inside a string.
         self.copy_sql = (
-            f'COPY "{self.stage}" ({columns}) FROM STDIN '
+            f'COPY "{self.stage}" ({columns}, ord) FROM STDIN '
             "WITH (FORMAT csv, NULL 'null', ESCAPE '\\')"
         )
         key = ", ".join(f'"{k}"' for k in resource.key)
@@ -172,12 +174,15 @@ class PageWriter:
         if not self.positioned:
             self.upsert = text(
                 f"""
-                WITH written AS (
-                    INSERT INTO "{target}" ({columns}) SELECT {columns} FROM "{self.stage}"
+                WITH src AS (
+                    SELECT DISTINCT ON ({key}) {columns} FROM "{self.stage}"
+                    ORDER BY {key}, ord DESC
+                ), written AS (
+                    INSERT INTO "{target}" ({columns}) SELECT {columns} FROM src
                     {conflict}
                 )
                 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
-                       true
+                       true, (SELECT count(*) FROM src)
                 FROM written
                 """
             )
@@ -210,7 +215,8 @@ class PageWriter:
                     {conflict}
                 )
                 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
-                       coalesce((SELECT min("{k}") FROM fresh) > (SELECT "{k}" FROM top), true)
+                       coalesce((SELECT min("{k}") FROM fresh) > (SELECT "{k}" FROM top), true),
+                       (SELECT count(*) FROM "{self.stage}")
                 FROM written
                 """
             )
@@ -268,24 +274,27 @@ class PageWriter:
         records: Sequence[dict[str, Any]],
         rows: dict[int, bytes] | None = None,
     ) -> tuple[int, int, int]:
-        """Upsert validated ``records`` (unique on key) in ``conn``'s transaction, without
-        committing; ``rows`` may hold their CSV lines already made, by ``id(record)``.
-        Returns (inserted, updated, unchanged)."""
+        """Upsert validated ``records`` in ``conn``'s transaction, without committing; of
+        records with the same key (as PostgreSQL compares them) the later wins. ``rows`` may
+        hold their CSV lines already made, by ``id(record)``. Returns (inserted, updated,
+        unchanged), counting distinct keys."""
         if not records:
             return 0, 0, 0
         rows = rows or {}
-        data = b"\n".join([rows.get(id(r)) or self.csv_row(r)[0] for r in records])
+        data = b"\n".join(
+            [b"%s,%d" % (rows.get(id(r)) or self.csv_row(r)[0], i) for i, r in enumerate(records)]
+        )
         conn.execute(self.create_stage)
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.copy_expert(self.copy_sql, io.BytesIO(data), size=len(data) + 1)
         finally:
             cursor.close()
-        inserted, updated, appended = conn.execute(self.upsert).one()
+        inserted, updated, appended, distinct = conn.execute(self.upsert).one()
         conn.execute(self.clear_stage)
         if self.positioned and (inserted or not appended):
             conn.execute(self.count_inserted, {"inserted": inserted, "appended": appended})
-        return inserted, updated, len(records) - inserted - updated
+        return inserted, updated, distinct - inserted - updated
 
     def settle_positions(self, conn: Connection) -> None:
         """Renumber positions in key order if an ingest left them inexact (keys inserted
@@ -417,13 +426,11 @@ class PreparedPage:
         cls, resource: Resource, writer: PageWriter, fetched: SourcePage, validate: bool
     ) -> "PreparedPage":
         digests, rows, keys = {}, {}, {}
-        key_of = itemgetter(*resource.key)
         for i, raw in enumerate(fetched.records):
             try:
                 rows[id(raw)], digest = writer.csv_row(raw)
-                key = key_of(raw)
-                hash(key)
-            except (TypeError, KeyError, ValueError):
+                key = resource.canonical_key(raw)
+            except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
                 continue
             digests[i] = digest
             keys.setdefault(key, []).append(i)

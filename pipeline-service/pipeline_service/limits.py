@@ -16,8 +16,9 @@ class BodyTooLarge(HTTPException):
 
 
 class RequestLimits:
-    """Answers 414 for a URL longer than ``max_url_bytes`` and 413 for a body larger than
-    ``max_body_bytes`` (declared or streamed), both as JSON errors."""
+    """Answers 414 for a URL longer than ``max_url_bytes``, 400 for a URL holding a NUL
+    character, and 413 for a body larger than ``max_body_bytes`` (declared or streamed),
+    all as JSON errors."""
 
     def __init__(
         self, app: ASGIApp, max_url_bytes: int = MAX_URL_BYTES, max_body_bytes: int = MAX_BODY_BYTES
@@ -33,6 +34,10 @@ class RequestLimits:
         url_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         if url_bytes > self.max_url_bytes:
             await _reject(send, 414, f"URL too long: at most {self.max_url_bytes} bytes")
+            return
+        if b"%00" in (scope.get("raw_path") or b"") + (scope.get("query_string") or b""):
+            # PostgreSQL text cannot hold U+0000: no id or parameter can contain it.
+            await _reject(send, 400, "the URL contains a NUL character (%00)")
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:

@@ -4,10 +4,11 @@ Adding a resource means adding an entry here, a model, a schema and a migration.
 """
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 
 from pydantic import BaseModel
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, DateTime, Table
 
 from pipeline_service.models import Customer, Machine, MachineReading
 from pipeline_service.schemas import (
@@ -55,6 +56,19 @@ class Resource:
 
     def key_of(self, record: BaseModel) -> tuple:
         return tuple(getattr(record, name) for name in self.key)
+
+    def canonical_key(self, raw: dict) -> tuple:
+        """The key of a raw record as PostgreSQL would compare it (timestamps as UTC
+        instants); raises when the record has no readable key."""
+        values = []
+        for name in self.key:
+            value = raw[name]
+            if not isinstance(value, str):
+                raise TypeError(f"{name} is not a string")
+            if isinstance(self.table.c[name].type, DateTime):
+                value = datetime.fromisoformat(value).astimezone(UTC)
+            values.append(value)
+        return tuple(values)
 
     @cached_property
     def page_validator(self) -> PageValidator:

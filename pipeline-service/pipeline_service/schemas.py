@@ -55,10 +55,23 @@ def _require_iso_date(value: Any) -> Any:
     return value
 
 
+# The ISO-8601 timestamps PostgreSQL reads exactly as pydantic does: seconds present, at
+# most microseconds, an offset (Z or +HH:MM) that PostgreSQL accepts (within 15:59).
+_TIMESTAMP = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)"
+)
+
+
 def _require_timestamp(value: Any) -> Any:
     if isinstance(value, datetime):
         return value
-    return _require_string(value)
+    _require_string(value)
+    if not _TIMESTAMP.fullmatch(value):
+        raise ValueError(
+            "must be an ISO-8601 timestamp like 2024-03-05T10:11:12Z or "
+            f"2024-03-05T10:11:12.5+01:00, got {value!r}"
+        )
+    return value
 
 
 def _require_number(value: Any) -> Any:
@@ -166,7 +179,8 @@ class Page(BaseModel, Generic[RecordT]):
     limit: int
     next: str | None = Field(
         default=None,
-        description="URL of the following records (an 'after' cursor), null at the end",
+        description="URL of the following records (an 'after' cursor); null when this "
+        "page came back with fewer than 'limit' records",
     )
 
 
@@ -205,7 +219,7 @@ class PageValidator:
 
     def __init__(self, record: type[BaseModel]) -> None:
         fields = {}
-        number_fields = []
+        number_fields, timestamp_fields = [], []
         for name, info in record.model_fields.items():
             annotation = (
                 Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
@@ -215,6 +229,11 @@ class PageValidator:
                 for m in _all_metadata(annotation)
             ):
                 number_fields.append(name)
+            if any(
+                isinstance(m, BeforeValidator) and m.func is _require_timestamp
+                for m in _all_metadata(annotation)
+            ):
+                timestamp_fields.append(name)
             default = ... if info.is_required() else info.default
             fields[name] = (_without_python_checks(annotation), default)
         strict = create_model(
@@ -230,9 +249,19 @@ class PageValidator:
             re.compile(b'"' + re.escape(name.encode()) + rb'"\s*:\s*"') for name in number_fields
         ]
 
+        # Every timestamp must be of the form the per-record check allows.
+        self._timestamps = [
+            re.compile(b'"' + re.escape(name.encode()) + rb'"\s*:\s*"([^"]*)"')
+            for name in timestamp_fields
+        ]
+        self._timestamp = re.compile(_TIMESTAMP.pattern.encode())
+
     def all_valid(self, body: bytes) -> bool:
         if b"\\u" in body or any(p.search(body) for p in self._number_as_string):
             return False
+        for pattern in self._timestamps:
+            if not all(self._timestamp.fullmatch(v) for v in pattern.findall(body)):
+                return False
         try:
             self._adapter.validate_json(body)
         except ValidationError:

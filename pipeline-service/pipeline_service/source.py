@@ -64,6 +64,7 @@ class SourceClient:
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.mock_server_url
         self.timeout = (settings.source_connect_timeout, settings.source_read_timeout)
+        self.give_up_seconds = settings.source_give_up_seconds
         self.session = requests.Session()
         self._backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5)
         self._retrying = Retrying(
@@ -114,11 +115,14 @@ class SourceClient:
             raise TransientSourceError(shown, f"answered with invalid JSON ({exc})") from exc
 
     def _wait(self, state: RetryCallState) -> float:
+        """Backoff with jitter, or the source's Retry-After; never beyond the give-up time."""
         exc = state.outcome.exception() if state.outcome else None
-        backoff = self._backoff(state)
-        if isinstance(exc, TransientSourceError) and exc.retry_after is not None:
-            return max(exc.retry_after, 0.0)
-        return backoff
+        wait = self._backoff(state)
+        retry_after = exc.retry_after if isinstance(exc, TransientSourceError) else None
+        if retry_after is not None and math.isfinite(retry_after):
+            wait = max(retry_after, 0.0)
+        remaining = self.give_up_seconds - state.seconds_since_start
+        return max(min(wait, remaining), 0.0)
 
     @staticmethod
     def _log_retry(state: RetryCallState) -> None:
@@ -136,8 +140,13 @@ def _loads(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         # orjson refuses integers beyond 64 bits; the standard parser reads any valid JSON,
-        # so one hostile number cannot take its whole page down.
-        return json.loads(body)
+        # so one hostile number cannot take its whole page down. Integers too long for int()
+        # and the NaN/Infinity extensions stay text, which validation then rejects.
+        return json.loads(body, parse_int=_int_or_text, parse_constant=str)
+
+
+def _int_or_text(text: str) -> int | str:
+    return int(text) if len(text) <= 4000 else text
 
 
 def _parse_page(url: str, payload: Any) -> SourcePage:

@@ -133,6 +133,9 @@ HOSTILE_INVALID = [
     (customer(25, first_name=42), "first_name: must be a string"),
     (customer(26, created_at="2024-03-05 10:11"), "created_at"),
     (customer(27, created_at="2024-03-05T10:11:12"), "created_at"),
+    (customer(33, created_at="2024-03-05T10:11:12+16:00"), "created_at"),
+    (customer(34, created_at="1700000000"), "created_at"),
+    (customer(35, created_at="2024-03-05T10:11:12.9999999Z"), "created_at"),
     (customer(28, email=None), "email"),
     (customer(29, last_name="nul\u0000byte"), "last_name"),
     (customer(30, phone="+1" * 11), "phone"),
@@ -177,6 +180,44 @@ def test_hostile_source_file_keeps_valid_records_exactly_and_explains_the_rest(
         assert page >= 1 and run_id == body["run_id"]
         if isinstance(raw, dict) and "customer_id" in raw:
             assert key == raw["customer_id"]
+
+
+def test_the_same_instant_written_two_ways_is_one_reading_and_the_later_wins(
+    serve_source, make_client, db
+):
+    readings = [
+        reading(1, 0, temperature=1.0),
+        reading(1, 0, timestamp="2024-06-01T09:00:00+01:00", temperature=2.0),
+        reading(1, 1, temperature=3.0),
+    ]
+    client = make_client(serve_source(machines=[machine(1)], readings=readings).url)
+    body = client.post("/api/ingest").json()
+    assert body["status"] == "success"
+    assert body["resources"]["readings"]["inserted"] == 2
+    with db.cursor() as cur:
+        cur.execute("SELECT temperature FROM machine_readings ORDER BY timestamp")
+        assert [r[0] for r in cur.fetchall()] == [2.0, 3.0]
+    # Again, with the earlier spelling changed and the later one as stored: still the later.
+    readings[0] = reading(1, 0, temperature=9.0)
+    client.app.state.settings.mock_server_url = serve_source(
+        machines=[machine(1)], readings=readings
+    ).url
+    client.post("/api/ingest?resource=readings")
+    with db.cursor() as cur:
+        cur.execute("SELECT temperature FROM machine_readings ORDER BY timestamp")
+        assert [r[0] for r in cur.fetchall()] == [2.0, 3.0]
+
+
+def test_a_number_too_long_to_parse_rejects_its_record_only(serve_source, make_client, db):
+    source = serve_source(customers=[customer(1), customer(2)])
+    data = source.data_dir / "customers.json"
+    data.write_text(
+        data.read_text().replace('"account_balance": 2.5', '"account_balance": ' + "9" * 5000)
+    )
+    client = make_client(serve_source(data_dir=source.data_dir).url)
+    body = client.post("/api/ingest?resource=customers").json()
+    assert body["status"] == "success"
+    assert body["records_processed"] == 1 and body["rejected"] == 1
 
 
 def test_reading_of_unknown_machine_is_rejected_not_fatal(serve_source, make_client, db):

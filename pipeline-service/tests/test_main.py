@@ -28,6 +28,16 @@ def test_long_urls_are_414(make_client):
     assert "URL too long" in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/api/customers/%00", "/api/machines/%00/readings", "/api/customers?after=%00"],
+)
+def test_a_nul_character_in_the_url_is_400(make_client, path):
+    response = make_client().get(path)
+    assert response.status_code == 400
+    assert "NUL" in response.json()["error"]
+
+
 def test_large_bodies_are_413(make_client):
     response = make_client().post("/api/ingest", content=b"x" * (2 * 1024 * 1024))
     assert response.status_code == 413

@@ -175,6 +175,18 @@ def test_machine_readings_time_window_is_inclusive(sample_client):
     ],
 )
 def test_bad_time_window_is_400(sample_client, params, parameter):
+    _check_bad_window(sample_client, params, parameter)
+
+
+def test_a_far_offset_in_a_window_is_read_as_utc(sample_client):
+    response = sample_client.get(
+        "/api/machines/MCH001/readings", params={"from": "2024-06-01T20:00:00+20:00"}
+    )
+    assert response.status_code == 200
+    assert response.json()["total"] == 6  # 2024-06-01T00:00Z: every reading is later
+
+
+def _check_bad_window(sample_client, params, parameter):
     response = sample_client.get("/api/machines/MCH001/readings", params=params)
     assert response.status_code == 400
     assert response.json()["error"].startswith(f"{parameter}:")

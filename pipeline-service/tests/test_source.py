@@ -66,6 +66,19 @@ def test_retry_after_is_honoured(serve_source):
     assert elapsed >= 2.0  # two waits of Retry-After: 1
 
 
+@pytest.mark.parametrize("retry_after", ["3600", "nan", "inf"])
+def test_retry_after_never_outlasts_the_give_up_time(serve_source, retry_after):
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    source.fail_with(503, headers={"Retry-After": retry_after})
+    client = SourceClient(
+        settings_for(source.url, source_max_attempts=3, source_give_up_seconds=1.0)
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientSourceError):
+        client.get_page("/api/customers", 1, 10)
+    assert time.monotonic() - started < 4
+
+
 def test_a_transient_failure_heals_on_retry(serve_source):
     source = serve_source(data_dir=SAMPLE_DATA_DIR)
     source.fail_with(503)
@@ -126,3 +139,11 @@ def free_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def test_json_extensions_and_huge_integers_stay_text_for_validation_to_reject():
+    from pipeline_service.source import _loads
+
+    body = b'{"data": [{"a": NaN, "b": -Infinity, "c": ' + b"7" * 5000 + b', "d": 1}]}'
+    (record,) = _loads(body)["data"]
+    assert record == {"a": "NaN", "b": "-Infinity", "c": "7" * 5000, "d": 1}

@@ -157,9 +157,14 @@ def json_page(
 
 def _parse_cursor_time(value: str) -> datetime:
     try:
-        return datetime.fromisoformat(value)
-    except ValueError:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise HTTPException(400, "after: not a cursor this API gave out") from None
+
+
+def _snapshot(request: Request) -> Connection:
+    """A connection whose reads all see one snapshot (the total agrees with the page)."""
+    return request.app.state.engine.connect().execution_options(isolation_level="REPEATABLE READ")
 
 
 def json_record(conn: Connection, resource: Resource, record_id: str) -> Response:
@@ -184,7 +189,7 @@ def add_collection_routes(resource: Resource) -> None:
     def list_records(
         request: Request, page: PageParam = 1, limit: LimitParam = 10, after: AfterParam = None
     ) -> Response:
-        with request.app.state.engine.connect() as conn:
+        with _snapshot(request) as conn:
             return json_page(conn, request, resource, page, limit, after, {}, list(resource.key))
 
     @router.get(
@@ -205,11 +210,16 @@ for _resource in RESOURCES.values():
         add_collection_routes(_resource)
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """Query timestamps without an offset are taken as UTC."""
-    if value is not None and value.tzinfo is None:
+def as_utc(value: datetime | None, name: str = "from") -> datetime | None:
+    """A query timestamp in UTC; one without an offset is taken as UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise HTTPException(400, f"{name}: out of the range of timestamps") from None
 
 
 FromParam = Annotated[
@@ -224,7 +234,7 @@ ToParam = Annotated[
 
 def time_window(start: datetime | None, end: datetime | None) -> list:
     """WHERE clauses for an inclusive [from, to] window on reading timestamps."""
-    start, end = as_utc(start), as_utc(end)
+    start, end = as_utc(start, "from"), as_utc(end, "to")
     if start is not None and end is not None and start > end:
         raise HTTPException(400, "from: must not be later than 'to'")
     column = READINGS.table.c.timestamp
@@ -265,9 +275,9 @@ def list_machine_readings(
     time_window(start, end)  # validates the window
     where: dict[str, Any] = {"machine_id": machine_id}
     if start is not None:
-        where["from"] = as_utc(start)
+        where["from"] = as_utc(start, "from")
     if end is not None:
-        where["to"] = as_utc(end)
-    with request.app.state.engine.connect() as conn:
+        where["to"] = as_utc(end, "to")
+    with _snapshot(request) as conn:
         require_machine(conn, machine_id)
         return json_page(conn, request, READINGS, page, limit, after, where, ["timestamp"])
