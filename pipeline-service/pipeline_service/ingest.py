@@ -78,6 +78,11 @@ class Counts:
     def processed(self) -> int:
         return self.inserted + self.updated + self.unchanged
 
+    @classmethod
+    def of(cls, row: Any) -> "Counts":
+        """The counts of a ledger row (an ``ingest_run_resources`` row or object)."""
+        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
+
 
 @dataclass
 class Rejection:
@@ -429,6 +434,8 @@ class PreparedPage:
         for i, raw in enumerate(fetched.records):
             try:
                 rows[id(raw)], digest = writer.csv_row(raw)
+                if validate:
+                    continue  # validated here and now: no digest will be looked up
                 key = resource.canonical_key(raw)
             except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
                 continue
@@ -711,17 +718,7 @@ class Ingest:
         return RunResult(
             run_id=run_id,
             status=status,
-            counts={
-                r.resource: Counts(
-                    pages=r.pages,
-                    fetched=r.fetched,
-                    inserted=r.inserted,
-                    updated=r.updated,
-                    unchanged=r.unchanged,
-                    rejected=r.rejected,
-                )
-                for r in rows
-            },
+            counts={r.resource: Counts.of(r) for r in rows},
         )
 
 

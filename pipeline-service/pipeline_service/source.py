@@ -1,9 +1,10 @@
-"""The paginated source API: one HTTP client with bounded retries, and one paginator."""
+"""The paginated source API: one HTTP client with bounded retries (pages are walked by
+the ingest, ``Ingest._pages``)."""
 
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -178,27 +179,3 @@ def _retry_after_seconds(value: str | None) -> float | None:
 def _short(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."
-
-
-@dataclass
-class PageNumberPaginator:
-    """Walks 1-based pages of ``limit`` records until ``total`` is covered or a page is empty.
-
-    Fresh per resource and run; ``stop_reason`` says why the walk ended.
-    """
-
-    limit: int
-    page: int = 1
-    total: int | None = None
-    has_next_page: bool = True
-    stop_reason: str | None = field(default=None)
-
-    def update_state(self, fetched: SourcePage) -> None:
-        self.total = fetched.total
-        pages = math.ceil(fetched.total / self.limit)
-        if not fetched.records:
-            self.has_next_page, self.stop_reason = False, f"page {self.page} was empty"
-        elif self.page >= pages:
-            self.has_next_page, self.stop_reason = False, f"page {self.page} of {pages} reached"
-        else:
-            self.page += 1

@@ -1,5 +1,6 @@
 """Triggering ingests and reading the run ledger."""
 
+from dataclasses import asdict
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -10,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from pipeline_service.api.deps import LimitParam, PageParam, SessionDep, require_api_key
 from pipeline_service.errors import error_response
 from pipeline_service.ingest import (
+    Counts,
     Ingest,
     IngestBusy,
     IngestFailed,
@@ -76,19 +78,7 @@ def ingest(
 
 
 def run_summary(run: IngestRun, resources: list) -> dict:
-    counts = {
-        r.resource: {
-            "pages": r.pages,
-            "fetched": r.fetched,
-            "inserted": r.inserted,
-            "updated": r.updated,
-            "unchanged": r.unchanged,
-            "rejected": r.rejected,
-            "next_page": r.next_page,
-            "done": r.done,
-        }
-        for r in resources
-    }
+    counts = {r.resource: Counts.of(r) for r in resources}
     return {
         "run_id": run.id,
         "trigger": run.trigger,
@@ -96,11 +86,12 @@ def run_summary(run: IngestRun, resources: list) -> dict:
         "started_at": run.started_at.isoformat(),
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
         "error": run.error,
-        "records_processed": sum(
-            c["inserted"] + c["updated"] + c["unchanged"] for c in counts.values()
-        ),
-        "rejected": sum(c["rejected"] for c in counts.values()),
-        "resources": counts,
+        "records_processed": sum(c.processed for c in counts.values()),
+        "rejected": sum(c.rejected for c in counts.values()),
+        "resources": {
+            r.resource: asdict(counts[r.resource]) | {"next_page": r.next_page, "done": r.done}
+            for r in resources
+        },
     }
 
 
