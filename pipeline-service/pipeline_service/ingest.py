@@ -139,10 +139,21 @@ def _raw_key(resource: Resource, raw: Any) -> str | None:
 # --- writing one page ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Tail:
+    """The greatest stored key of a positioned collection and the greatest position (None
+    and 0 when the collection is empty): where appended records go."""
+
+    key: str | None
+    position: int
+
+
 class PageWriter:
-    """Upserts pages of validated source records with two statements: COPY into a temporary
-    table, then one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE source_hash IS
-    DISTINCT FROM ...``.
+    """Stores pages of validated source records. A page whose keys all sort after every
+    stored key (a first load, or a source that grew at its end) is appended with one COPY
+    straight into the table; any other page is upserted with two statements: COPY into a
+    temporary table, then one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE
+    source_hash IS DISTINCT FROM ...``.
 
     Each row carries a hash of its source record: a stored row is rewritten only when its
     source record changed, so a field edited through the API (a machine's status) survives
@@ -164,10 +175,8 @@ class PageWriter:
             f'AS SELECT {columns}, 0::bigint AS ord FROM "{target}" WITH NO DATA'
         )
         # CSV with JSON's own quoting: NULL is an unquoted null, \" a quote inside a string.
-        self.copy_sql = (
-            f'COPY "{self.stage}" ({columns}, ord) FROM STDIN '
-            "WITH (FORMAT csv, NULL 'null', ESCAPE '\\')"
-        )
+        csv = "WITH (FORMAT csv, NULL 'null', ESCAPE '\\')"
+        self.copy_sql = f'COPY "{self.stage}" ({columns}, ord) FROM STDIN {csv}'
         key = ", ".join(f'"{k}"' for k in resource.key)
         conflict = f"""
             ON CONFLICT ({key}) DO UPDATE
@@ -196,6 +205,9 @@ class PageWriter:
             # exact when they all sort after the stored keys (an append, the usual case);
             # otherwise the collection is marked for renumbering once the resource is done.
             (k,) = resource.key
+            self._key = itemgetter(k)
+            self.append_sql = f'COPY "{target}" ({columns}, position) FROM STDIN {csv}'
+            self.read_tail = text(f'SELECT max("{k}"), coalesce(max(position), 0) FROM "{target}"')
             staged = ", ".join(f's."{f}"' for f in (*self.fields, "source_hash"))
             self.upsert = text(
                 f"""
@@ -241,10 +253,21 @@ class PageWriter:
                 "UPDATE collection_stats SET positions_exact = true WHERE resource = :resource"
             ).bindparams(resource=resource.name)
         self.clear_stage = text(f'DELETE FROM "{self.stage}"')
+        # Stored hashes are found by key where the key is one column (its primary key index
+        # serves), else by the hash's own index. The array goes through a subquery: handed
+        # to the planner as a literal, each of its thousand elements would be estimated on
+        # its own, costing more than the lookup.
         self.find_digests = text(
             f'SELECT source_hash::text FROM "{target}" '
-            "WHERE source_hash = ANY(CAST(:digests AS uuid[]))"
+            "WHERE source_hash = ANY(ARRAY(SELECT unnest(CAST(:values AS uuid[]))))"
         )
+        self.find_by_key = None
+        if len(resource.key) == 1:
+            (k,) = resource.key
+            self.find_by_key = text(
+                f'SELECT source_hash::text FROM "{target}" '
+                f'WHERE "{k}" = ANY(ARRAY(SELECT unnest(CAST(:values AS text[]))))'
+            )
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
@@ -263,15 +286,74 @@ class PageWriter:
         digest = hashlib.md5(row).hexdigest()
         return row + b',"' + digest.encode() + b'"', digest
 
-    def stored_unchanged(self, conn: Connection, digests: Sequence[str]) -> set[str]:
-        """Those of ``digests`` that some stored row carries: a record whose digest is stored
-        is, field for field, a row already taken in (and validated) before."""
-        if not digests:
+    def csv_rows(self, records: Sequence[Any]) -> list[tuple[bytes, str] | None]:
+        """:meth:`csv_row` of each record, None where a record is not a JSON object. The
+        whole page is rendered in one call when it can be, giving the very same lines."""
+        try:
+            dumped = orjson.dumps([self._values(r) for r in records])
+        except (TypeError, KeyError):
+            dumped = None
+        if dumped is not None and b"\\" not in dumped:
+            rows = dumped[2:-2].split(b"],[")
+            # Splitting is exact when "],[" occurs only between records, never in a value.
+            if len(rows) == len(records):
+                lines = []
+                for row in rows:
+                    digest = hashlib.md5(row).hexdigest()
+                    lines.append((row + b',"' + digest.encode() + b'"', digest))
+                return lines
+        return [self.csv_row(r) if isinstance(r, dict) else None for r in records]
+
+    def stored_unchanged(self, conn: Connection, candidates: dict[tuple, str]) -> set[str]:
+        """Those digests of ``candidates`` (record key -> digest) that a stored row carries:
+        a record whose digest is stored is, field for field, a row already taken in (and
+        validated) before."""
+        if not candidates:
             return set()
         # One array literal is much cheaper to send than a list of a thousand parameters.
-        literal = "{" + ",".join(digests) + "}"
-        found = conn.execute(self.find_digests, {"digests": literal}).scalars()
-        return {value.replace("-", "") for value in found}
+        if self.find_by_key is not None:
+            # A key PostgreSQL cannot hold (NUL, lone surrogates) cannot be stored either.
+            values = (key for (key,) in candidates if _storable(key))
+            query, literal = self.find_by_key, _array_literal(values)
+        else:
+            query, literal = self.find_digests, "{" + ",".join(candidates.values()) + "}"
+        return {
+            value.replace("-", "") for value in conn.execute(query, {"values": literal}).scalars()
+        }
+
+    def tail(self, conn: Connection) -> Tail | None:
+        """Where records can be appended; None for a collection without positions."""
+        if not self.positioned:
+            return None
+        key, position = conn.execute(self.read_tail).one()
+        return Tail(key, position)
+
+    def append(
+        self,
+        conn: Connection,
+        records: Sequence[dict[str, Any]],
+        rows: dict[int, bytes],
+        tail: Tail | None,
+    ) -> Tail | None:
+        """If every key of ``records`` (unique keys) sorts after ``tail.key``, so that none
+        is stored, COPY them straight into the table in ``conn``'s transaction, numbered on
+        from ``tail.position`` in key order, and return the new tail. Otherwise write
+        nothing and return None. ``rows`` may hold their CSV lines, by ``id(record)``."""
+        if tail is None or not records:
+            return None
+        # Python orders strings as the keys' "C" collation does (code points = UTF-8 bytes).
+        ordered = sorted(records, key=self._key)
+        if tail.key is not None and self._key(ordered[0]) <= tail.key:
+            return None
+        data = b"\n".join(
+            [
+                b"%s,%d" % (rows.get(id(r)) or self.csv_row(r)[0], position)
+                for position, r in enumerate(ordered, tail.position + 1)
+            ]
+        )
+        self._copy(conn, self.append_sql, data)
+        conn.execute(self.count_inserted, {"inserted": len(ordered), "appended": True})
+        return Tail(self._key(ordered[-1]), tail.position + len(ordered))
 
     def write(
         self,
@@ -290,16 +372,20 @@ class PageWriter:
             [b"%s,%d" % (rows.get(id(r)) or self.csv_row(r)[0], i) for i, r in enumerate(records)]
         )
         conn.execute(self.create_stage)
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            cursor.copy_expert(self.copy_sql, io.BytesIO(data), size=len(data) + 1)
-        finally:
-            cursor.close()
+        self._copy(conn, self.copy_sql, data)
         inserted, updated, appended, distinct = conn.execute(self.upsert).one()
         conn.execute(self.clear_stage)
         if self.positioned and (inserted or not appended):
             conn.execute(self.count_inserted, {"inserted": inserted, "appended": appended})
         return inserted, updated, distinct - inserted - updated
+
+    @staticmethod
+    def _copy(conn: Connection, sql: str, data: bytes) -> None:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.copy_expert(sql, io.BytesIO(data), size=len(data) + 1)
+        finally:
+            cursor.close()
 
     def settle_positions(self, conn: Connection) -> None:
         """Renumber positions in key order if an ingest left them inexact (keys inserted
@@ -313,6 +399,20 @@ class PageWriter:
         if exact is False:
             conn.execute(self.renumber)
             conn.execute(self.mark_exact)
+
+
+def _array_literal(values: Iterator[str]) -> str:
+    """A PostgreSQL text[] literal of ``values``, each quoted."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
+
+
+def _storable(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return "\x00" not in value
 
 
 def _csv_value(value: Any) -> bytes:
@@ -419,9 +519,9 @@ class PreparedPage:
 
     resource: Resource
     fetched: SourcePage
-    digests: dict[int, str]
-    """By position in the page: the digest of each record that could be rendered and whose
-    key occurs once in the page (only those may be found unchanged)."""
+    candidates: dict[tuple, tuple[int, str]]
+    """By key: the position in the page and the digest of each record that could be rendered
+    and whose key occurs once in the page (only those may be found unchanged)."""
     rows: dict[int, bytes]
     """By ``id(record)``: the CSV line of each record that could be rendered."""
     checked: ValidatedPage | None = None
@@ -430,23 +530,24 @@ class PreparedPage:
     def of(
         cls, resource: Resource, writer: PageWriter, fetched: SourcePage, validate: bool
     ) -> "PreparedPage":
-        digests, rows, keys = {}, {}, {}
-        for i, raw in enumerate(fetched.records):
+        lines = writer.csv_rows(fetched.records)
+        rows = {id(raw): line[0] for raw, line in zip(fetched.records, lines, strict=True) if line}
+        if validate:  # validated here and now: no digest will be looked up
+            return cls(resource, fetched, {}, rows, check_page(resource, fetched))
+        candidates, repeated = {}, set()
+        for i, (raw, line) in enumerate(zip(fetched.records, lines, strict=True)):
+            if line is None:
+                continue
             try:
-                rows[id(raw)], digest = writer.csv_row(raw)
-                if validate:
-                    continue  # validated here and now: no digest will be looked up
                 key = resource.canonical_key(raw)
             except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
                 continue
-            digests[i] = digest
-            keys.setdefault(key, []).append(i)
-        for positions in keys.values():
-            if len(positions) > 1:
-                for i in positions:
-                    del digests[i]
-        checked = check_page(resource, fetched) if validate else None
-        return cls(resource, fetched, digests, rows, checked)
+            if key in candidates:
+                repeated.add(key)
+            candidates[key] = (i, line[1])
+        for key in repeated:
+            del candidates[key]
+        return cls(resource, fetched, candidates, rows)
 
     def check(self, conn: Connection, writer: PageWriter) -> tuple[int, ValidatedPage]:
         """How many records are stored exactly as they are (skipped: already validated and
@@ -454,8 +555,9 @@ class PreparedPage:
         the previous pages committed, so a later record always wins."""
         if self.checked is not None:
             return 0, self.checked
-        stored = writer.stored_unchanged(conn, list(self.digests.values()))
-        same = {i for i, digest in self.digests.items() if digest in stored}
+        digests = {key: digest for key, (_, digest) in self.candidates.items()}
+        stored = writer.stored_unchanged(conn, digests)
+        same = {i for i, digest in self.candidates.values() if digest in stored}
         if not same:
             return 0, check_page(self.resource, self.fetched)
         rest = [raw for i, raw in enumerate(self.fetched.records) if i not in same]
@@ -610,6 +712,7 @@ class Ingest:
             # ahead, in the fetch threads, instead of looking for stored records first.
             key = resource.key_columns[0]
             validate_ahead = conn.execute(select(key).limit(1)).first() is None
+            tail = writer.tail(conn)
         for page_no, page in self._pages(resource, writer, start_page, validate_ahead):
             with self.engine.begin() as conn:
                 # A page commit need not wait for its WAL flush: the checkpoint commits with
@@ -619,7 +722,12 @@ class Ingest:
                 skipped, checked = page.check(conn, writer)
                 valid, orphans = split_orphans(conn, resource, checked.valid)
                 rejected = checked.rejected + orphans
-                inserted, updated, unchanged = writer.write(conn, valid, page.rows)
+                appended = writer.append(conn, valid, page.rows, tail)
+                if appended is not None:
+                    inserted, updated, unchanged = len(valid), 0, 0
+                else:
+                    inserted, updated, unchanged = writer.write(conn, valid, page.rows)
+                    appended = writer.tail(conn) if inserted else tail
                 store_rejections(conn, resource, rejected, run_id, page_no)
                 conn.execute(
                     update(IngestRunResource)
@@ -637,6 +745,7 @@ class Ingest:
                         rejected=IngestRunResource.rejected + len(rejected),
                     )
                 )
+            tail = appended  # committed
             if rejected:
                 log.info("%s page %d: %d rejected", resource.name, page_no, len(rejected))
         with self.engine.begin() as conn:

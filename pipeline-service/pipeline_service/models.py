@@ -41,6 +41,11 @@ MACHINE_STATUSES = ("IDLE", "STARTED", "COMPLETED", "ERROR")
 _STATUS_CHECK = "status IN ('IDLE', 'STARTED', 'COMPLETED', 'ERROR')"
 
 
+KEY = String(50, collation="C")
+"""Record keys compare in byte order whatever the database's locale, as Python compares
+strings: the ingest relies on it to number positions itself (migration 0005)."""
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -49,7 +54,7 @@ class _Bookkeeping:
     """When the ingest first stored a row, when it last changed it, and a hash of the source
     record it last took in (so an unchanged source record is never written again)."""
 
-    source_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    source_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     ingested_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
@@ -59,7 +64,7 @@ class _Bookkeeping:
 class Customer(_Bookkeeping, Base):
     __tablename__ = "customers"
 
-    customer_id: Mapped[str] = mapped_column(String(50), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(KEY, primary_key=True)
     first_name: Mapped[str] = mapped_column(String(100))
     last_name: Mapped[str] = mapped_column(String(100))
     email: Mapped[str] = mapped_column(String(255))
@@ -76,7 +81,7 @@ class Machine(_Bookkeeping, Base):
     __tablename__ = "machines"
     __table_args__ = (CheckConstraint(_STATUS_CHECK, name="status"),)
 
-    machine_id: Mapped[str] = mapped_column(String(50), primary_key=True)
+    machine_id: Mapped[str] = mapped_column(KEY, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     model: Mapped[str] = mapped_column(String(100))
     location: Mapped[str] = mapped_column(String(255))
@@ -88,10 +93,15 @@ class Machine(_Bookkeeping, Base):
 
 class MachineReading(_Bookkeeping, Base):
     __tablename__ = "machine_readings"
-    __table_args__ = (CheckConstraint(_STATUS_CHECK, name="status"),)
+    __table_args__ = (
+        CheckConstraint(_STATUS_CHECK, name="status"),
+        # A reading's key is two columns: the re-ingest finds stored readings by source hash
+        # (customers and machines are found by their one-column key).
+        Index("ix_machine_readings_source_hash", "source_hash"),
+    )
 
     machine_id: Mapped[str] = mapped_column(
-        String(50), ForeignKey("machines.machine_id", ondelete="CASCADE"), primary_key=True
+        KEY, ForeignKey("machines.machine_id", ondelete="CASCADE"), primary_key=True
     )
     timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     temperature: Mapped[float] = mapped_column(Double)
@@ -183,7 +193,7 @@ class MachineStatusChange(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     machine_id: Mapped[str] = mapped_column(
-        String(50), ForeignKey("machines.machine_id", ondelete="CASCADE")
+        KEY, ForeignKey("machines.machine_id", ondelete="CASCADE")
     )
     old_status: Mapped[str | None] = mapped_column(String(20))
     new_status: Mapped[str] = mapped_column(String(20))

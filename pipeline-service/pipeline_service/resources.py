@@ -61,14 +61,18 @@ class Resource:
         """The key of a raw record as PostgreSQL would compare it (timestamps as UTC
         instants); raises when the record has no readable key."""
         values = []
-        for name in self.key:
+        for name, is_timestamp in self._key_kinds:
             value = raw[name]
             if not isinstance(value, str):
                 raise TypeError(f"{name} is not a string")
-            if isinstance(self.table.c[name].type, DateTime):
+            if is_timestamp:
                 value = datetime.fromisoformat(value).astimezone(UTC)
             values.append(value)
         return tuple(values)
+
+    @cached_property
+    def _key_kinds(self) -> tuple[tuple[str, bool], ...]:
+        return tuple((n, isinstance(self.table.c[n].type, DateTime)) for n in self.key)
 
     @cached_property
     def page_validator(self) -> PageValidator:
