@@ -20,6 +20,13 @@ class Settings(BaseSettings):
     ingest_page_size: int = Field(
         default=1000, ge=1, le=1000, description="Records asked for per source page"
     )
+    ingest_workers: int = Field(
+        default=2,
+        ge=0,
+        le=32,
+        description="Worker processes that fetch, validate and render pages while the ingest "
+        "writes (0: threads in the serving process instead)",
+    )
     source_connect_timeout: float = Field(
         default=3.0, gt=0, description="Seconds to wait for a TCP connection to the source"
     )

@@ -14,13 +14,14 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from pydantic import ValidationError
@@ -34,6 +35,7 @@ from sqlalchemy import (
     update,
 )
 
+from pipeline_service.config import Settings
 from pipeline_service.models import IngestRun, IngestRunResource, RejectedRecord
 from pipeline_service.resources import RESOURCES, Resource
 from pipeline_service.schemas import describe_errors
@@ -42,6 +44,8 @@ from pipeline_service.source import SourceClient, SourceError, SourcePage
 log = logging.getLogger(__name__)
 
 INGEST_LOCK_ID = 0x1A6E_57  # pg advisory lock key shared by every pipeline process
+PROCESS_POOL_MIN_PAGES = 8
+"""Fewer pages left than this are prepared in threads: starting worker processes costs more."""
 
 
 class IngestBusy(Exception):
@@ -136,6 +140,18 @@ def _raw_key(resource: Resource, raw: Any) -> str | None:
     return "/".join(str(p) for p in parts)
 
 
+class Prepared(NamedTuple):
+    """A valid source record made ready to store."""
+
+    key: tuple
+    """As PostgreSQL compares keys (timestamps as UTC instants)."""
+    line: bytes
+    """Its CSV line: the fields, then the digest."""
+    digest: str
+    raw: dict[str, Any] | None
+    """The source record, kept only where a missing parent row may still reject it."""
+
+
 # --- writing one page ------------------------------------------------------------------
 
 
@@ -205,7 +221,6 @@ class PageWriter:
             # exact when they all sort after the stored keys (an append, the usual case);
             # otherwise the collection is marked for renumbering once the resource is done.
             (k,) = resource.key
-            self._key = itemgetter(k)
             self.append_sql = f'COPY "{target}" ({columns}, position) FROM STDIN {csv}'
             self.read_tail = text(f'SELECT max("{k}"), coalesce(max(position), 0) FROM "{target}"')
             staged = ", ".join(f's."{f}"' for f in (*self.fields, "source_hash"))
@@ -253,21 +268,24 @@ class PageWriter:
                 "UPDATE collection_stats SET positions_exact = true WHERE resource = :resource"
             ).bindparams(resource=resource.name)
         self.clear_stage = text(f'DELETE FROM "{self.stage}"')
-        # Stored hashes are found by key where the key is one column (its primary key index
-        # serves), else by the hash's own index. The array goes through a subquery: handed
-        # to the planner as a literal, each of its thousand elements would be estimated on
-        # its own, costing more than the lookup.
-        self.find_digests = text(
-            f'SELECT source_hash::text FROM "{target}" '
-            "WHERE source_hash = ANY(ARRAY(SELECT unnest(CAST(:values AS uuid[]))))"
-        )
-        self.find_by_key = None
+        # A candidate is stored unchanged when a row carries its digest; the probe finds that
+        # row by key where the key is one column (its primary key index serves), else by the
+        # digest's own index. A LATERAL probe with LIMIT 1 is an index lookup per candidate,
+        # where a join may be planned as a scan of the whole table.
+        probe = "t.source_hash = u.h"
         if len(resource.key) == 1:
-            (k,) = resource.key
-            self.find_by_key = text(
-                f'SELECT source_hash::text FROM "{target}" '
-                f'WHERE "{k}" = ANY(ARRAY(SELECT unnest(CAST(:values AS text[]))))'
-            )
+            probe = f't."{resource.key[0]}" = u.k AND {probe}'
+        self.find_changed = text(
+            f"""
+            SELECT coalesce(array_agg(u.i), '{{}}')
+            FROM unnest(CAST(:keys AS text[]), CAST(:digests AS uuid[])) WITH ORDINALITY u(k, h, i)
+            LEFT JOIN LATERAL (
+                SELECT true AS stored FROM "{target}" t WHERE {probe} LIMIT 1
+            ) found ON true
+            WHERE found.stored IS NULL
+            """
+        )
+        self._by_key = len(resource.key) == 1
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
@@ -304,22 +322,21 @@ class PageWriter:
                 return lines
         return [self.csv_row(r) if isinstance(r, dict) else None for r in records]
 
-    def stored_unchanged(self, conn: Connection, candidates: dict[tuple, str]) -> set[str]:
-        """Those digests of ``candidates`` (record key -> digest) that a stored row carries:
-        a record whose digest is stored is, field for field, a row already taken in (and
-        validated) before."""
+    def changed(self, conn: Connection, page: "PreparedPage") -> list[Prepared]:
+        """The records of ``page`` that are not stored exactly as they are (those that are
+        were validated and written before: nothing to do)."""
+        candidates = page.candidates()
         if not candidates:
-            return set()
-        # One array literal is much cheaper to send than a list of a thousand parameters.
-        if self.find_by_key is not None:
-            # A key PostgreSQL cannot hold (NUL, lone surrogates) cannot be stored either.
-            values = (key for (key,) in candidates if _storable(key))
-            query, literal = self.find_by_key, _array_literal(values)
-        else:
-            query, literal = self.find_digests, "{" + ",".join(candidates.values()) + "}"
-        return {
-            value.replace("-", "") for value in conn.execute(query, {"values": literal}).scalars()
-        }
+            return page.records
+        # Array literals: much cheaper to send than a thousand parameters each.
+        keys = _array_literal(key for (key,) in candidates) if self._by_key else "{}"
+        digests = "{" + ",".join(candidates.values()) + "}"
+        found = conn.execute(self.find_changed, {"keys": keys, "digests": digests}).scalar()
+        if len(found) == len(candidates):
+            return page.records
+        numbers = set(found)  # 1-based, in the order of candidates
+        stale = {digest for i, digest in enumerate(candidates.values(), 1) if i in numbers}
+        return [r for r in page.records if r.key not in candidates or r.digest in stale]
 
     def tail(self, conn: Connection) -> Tail | None:
         """Where records can be appended; None for a collection without positions."""
@@ -328,49 +345,36 @@ class PageWriter:
         key, position = conn.execute(self.read_tail).one()
         return Tail(key, position)
 
-    def append(
-        self,
-        conn: Connection,
-        records: Sequence[dict[str, Any]],
-        rows: dict[int, bytes],
-        tail: Tail | None,
-    ) -> Tail | None:
-        """If every key of ``records`` (unique keys) sorts after ``tail.key``, so that none
-        is stored, COPY them straight into the table in ``conn``'s transaction, numbered on
-        from ``tail.position`` in key order, and return the new tail. Otherwise write
-        nothing and return None. ``rows`` may hold their CSV lines, by ``id(record)``."""
+    def sorts_after(self, records: Sequence[Prepared], tail: Tail | None) -> bool:
+        """Whether every key of ``records`` sorts after every stored key (so none is stored)."""
         if tail is None or not records:
-            return None
+            return False
         # Python orders strings as the keys' "C" collation does (code points = UTF-8 bytes).
-        ordered = sorted(records, key=self._key)
-        if tail.key is not None and self._key(ordered[0]) <= tail.key:
+        return tail.key is None or min(r.key for r in records)[0] > tail.key
+
+    def append(
+        self, conn: Connection, records: Sequence[Prepared], tail: Tail | None
+    ) -> Tail | None:
+        """If :meth:`sorts_after`, COPY ``records`` (unique keys) straight into the table in
+        ``conn``'s transaction, numbered on from ``tail.position`` in key order, and return
+        the new tail. Otherwise write nothing and return None."""
+        if not self.sorts_after(records, tail):
             return None
+        ordered = sorted(records)  # by key first
         data = b"\n".join(
-            [
-                b"%s,%d" % (rows.get(id(r)) or self.csv_row(r)[0], position)
-                for position, r in enumerate(ordered, tail.position + 1)
-            ]
+            [b"%s,%d" % (r.line, position) for position, r in enumerate(ordered, tail.position + 1)]
         )
         self._copy(conn, self.append_sql, data)
         conn.execute(self.count_inserted, {"inserted": len(ordered), "appended": True})
-        return Tail(self._key(ordered[-1]), tail.position + len(ordered))
+        return Tail(ordered[-1].key[0], tail.position + len(ordered))
 
-    def write(
-        self,
-        conn: Connection,
-        records: Sequence[dict[str, Any]],
-        rows: dict[int, bytes] | None = None,
-    ) -> tuple[int, int, int]:
-        """Upsert validated ``records`` in ``conn``'s transaction, without committing; of
-        records with the same key (as PostgreSQL compares them) the later wins. ``rows`` may
-        hold their CSV lines already made, by ``id(record)``. Returns (inserted, updated,
-        unchanged), counting distinct keys."""
+    def write(self, conn: Connection, records: Sequence[Prepared]) -> tuple[int, int, int]:
+        """Upsert ``records`` in ``conn``'s transaction, without committing; of records with
+        the same key (as PostgreSQL compares them) the later wins. Returns (inserted,
+        updated, unchanged), counting distinct keys."""
         if not records:
             return 0, 0, 0
-        rows = rows or {}
-        data = b"\n".join(
-            [b"%s,%d" % (rows.get(id(r)) or self.csv_row(r)[0], i) for i, r in enumerate(records)]
-        )
+        data = b"\n".join([b"%s,%d" % (r.line, i) for i, r in enumerate(records)])
         conn.execute(self.create_stage)
         self._copy(conn, self.copy_sql, data)
         inserted, updated, appended, distinct = conn.execute(self.upsert).one()
@@ -407,14 +411,6 @@ def _array_literal(values: Iterator[str]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
-def _storable(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return "\x00" not in value
-
-
 def _csv_value(value: Any) -> bytes:
     if value is None:
         return b"null"
@@ -431,14 +427,14 @@ def _dumps(value: Any) -> bytes:
 
 
 def split_orphans(
-    conn: Connection, resource: Resource, records: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    conn: Connection, resource: Resource, records: list[Prepared]
+) -> tuple[list[Prepared], list[Rejection]]:
     """Separate records whose parent row does not exist (e.g. a reading of an unknown machine)."""
     if resource.parent is None or not records:
         return records, []
     parent = RESOURCES[resource.parent.resource]
     column = resource.parent.column
-    wanted = {r[column] for r in records}
+    wanted = {r.raw[column] for r in records}
     known = set(
         conn.execute(
             select(parent.table.c[column]).where(parent.table.c[column].in_(wanted))
@@ -448,14 +444,15 @@ def split_orphans(
         return records, []
     kept, orphans = [], []
     for record in records:
-        if record[column] in known:
+        value = record.raw[column]
+        if value in known:
             kept.append(record)
         else:
             orphans.append(
                 Rejection(
-                    raw=record,
-                    reason=f"{column}: no {parent.name[:-1]} {record[column]!r} exists",
-                    key=_raw_key(resource, record),
+                    raw=record.raw,
+                    reason=f"{column}: no {parent.name[:-1]} {value!r} exists",
+                    key=_raw_key(resource, record.raw),
                 )
             )
     return kept, orphans
@@ -514,54 +511,69 @@ def storable_json(value: Any) -> tuple[Any, bool]:
 
 @dataclass
 class PreparedPage:
-    """A fetched page made ready in a fetch thread: each record's CSV line and digest, and,
-    when nothing can be stored yet, its validation too."""
+    """A fetched page, validated and rendered: just what the writer needs, so that it pickles
+    cheaply from a worker process."""
 
-    resource: Resource
-    fetched: SourcePage
-    candidates: dict[tuple, tuple[int, str]]
-    """By key: the position in the page and the digest of each record that could be rendered
-    and whose key occurs once in the page (only those may be found unchanged)."""
-    rows: dict[int, bytes]
-    """By ``id(record)``: the CSV line of each record that could be rendered."""
-    checked: ValidatedPage | None = None
+    total: int
+    """The collection's size, as the source gave it with this page."""
+    fetched: int
+    records: list[Prepared]
+    """The valid records, unique on key (the later record wins), in page order."""
+    rejected: list[Rejection]
 
-    @classmethod
-    def of(
-        cls, resource: Resource, writer: PageWriter, fetched: SourcePage, validate: bool
-    ) -> "PreparedPage":
-        lines = writer.csv_rows(fetched.records)
-        rows = {id(raw): line[0] for raw, line in zip(fetched.records, lines, strict=True) if line}
-        if validate:  # validated here and now: no digest will be looked up
-            return cls(resource, fetched, {}, rows, check_page(resource, fetched))
-        candidates, repeated = {}, set()
-        for i, (raw, line) in enumerate(zip(fetched.records, lines, strict=True)):
-            if line is None:
-                continue
-            try:
-                key = resource.canonical_key(raw)
-            except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
-                continue
-            if key in candidates:
-                repeated.add(key)
-            candidates[key] = (i, line[1])
-        for key in repeated:
-            del candidates[key]
-        return cls(resource, fetched, candidates, rows)
+    def candidates(self) -> dict[tuple, str]:
+        """Digest by key of the records that may be found stored unchanged: not those whose
+        key occurs twice as PostgreSQL compares keys, where the later record must win."""
+        found = {r.key: r.digest for r in self.records}
+        if len(found) < len(self.records):
+            seen: set[tuple] = set()
+            for r in self.records:
+                if r.key in seen:
+                    found.pop(r.key, None)
+                seen.add(r.key)
+        return found
 
-    def check(self, conn: Connection, writer: PageWriter) -> tuple[int, ValidatedPage]:
-        """How many records are stored exactly as they are (skipped: already validated and
-        written), and the validation of the others. Runs in the page's transaction, after
-        the previous pages committed, so a later record always wins."""
-        if self.checked is not None:
-            return 0, self.checked
-        digests = {key: digest for key, (_, digest) in self.candidates.items()}
-        stored = writer.stored_unchanged(conn, digests)
-        same = {i for i, digest in self.candidates.values() if digest in stored}
-        if not same:
-            return 0, check_page(self.resource, self.fetched)
-        rest = [raw for i, raw in enumerate(self.fetched.records) if i not in same]
-        return len(same), validate_page(self.resource, rest)
+
+def prepare_page(resource: Resource, writer: "PageWriter", fetched: SourcePage) -> PreparedPage:
+    """Validate one fetched page and render its valid records."""
+    checked = check_page(resource, fetched)
+    lines = writer.csv_rows(checked.valid)
+    keep_raw = resource.parent is not None
+    records = [
+        Prepared(resource.canonical_key(raw), line, digest, raw if keep_raw else None)
+        for raw, (line, digest) in zip(checked.valid, lines, strict=True)
+    ]
+    return PreparedPage(fetched.total, len(fetched.records), records, checked.rejected)
+
+
+class PageMaker:
+    """Fetches and prepares pages: in a worker process, or in the caller's threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.client = SourceClient(settings)
+        self.page_size = settings.ingest_page_size
+        self.writers = {name: PageWriter(resource) for name, resource in RESOURCES.items()}
+
+    def __call__(self, resource_name: str, page_no: int) -> PreparedPage:
+        resource = RESOURCES[resource_name]
+        fetched = self.client.get_page(resource.source_path, page_no, self.page_size)
+        return prepare_page(resource, self.writers[resource_name], fetched)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+_worker_maker: PageMaker | None = None
+
+
+def _start_worker(settings: Settings) -> None:
+    global _worker_maker
+    _worker_maker = PageMaker(settings)
+
+
+def _prepare_in_worker(resource_name: str, page_no: int) -> PreparedPage:
+    assert _worker_maker is not None, "worker started without _start_worker"
+    return _worker_maker(resource_name, page_no)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -590,13 +602,11 @@ class RunResult:
 class Ingest:
     """Runs ingests against one database and one source."""
 
-    def __init__(
-        self, engine: Engine, client: SourceClient, page_size: int, prefetch_pages: int = 2
-    ) -> None:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
-        self.client = client
-        self.page_size = page_size
-        self.prefetch_pages = prefetch_pages
+        self.settings = settings
+        self.page_size = settings.ingest_page_size
+        self.workers = settings.ingest_workers
 
     def run(
         self,
@@ -708,25 +718,27 @@ class Ingest:
     def _ingest_resource(self, run_id: int, resource: Resource, start_page: int) -> None:
         writer = PageWriter(resource)
         with self.engine.connect() as conn:
-            # Into an empty table no record can be found unchanged: validate every page
-            # ahead, in the fetch threads, instead of looking for stored records first.
+            # Records of an empty table cannot be stored unchanged: no need to look for them.
             key = resource.key_columns[0]
-            validate_ahead = conn.execute(select(key).limit(1)).first() is None
+            look_up = conn.execute(select(key).limit(1)).first() is not None
             tail = writer.tail(conn)
-        for page_no, page in self._pages(resource, writer, start_page, validate_ahead):
+        for page_no, page in self._pages(resource, start_page):
             with self.engine.begin() as conn:
                 # A page commit need not wait for its WAL flush: the checkpoint commits with
                 # it, so a crash loses page and checkpoint together and a resume re-fetches
                 # them. The run's final commit is synchronous and flushes everything before.
                 conn.execute(text("SET LOCAL synchronous_commit = off"))
-                skipped, checked = page.check(conn, writer)
-                valid, orphans = split_orphans(conn, resource, checked.valid)
-                rejected = checked.rejected + orphans
-                appended = writer.append(conn, valid, page.rows, tail)
+                records = page.records
+                if look_up and not writer.sorts_after(records, tail):
+                    records = writer.changed(conn, page)
+                skipped = len(page.records) - len(records)
+                valid, orphans = split_orphans(conn, resource, records)
+                rejected = page.rejected + orphans
+                appended = writer.append(conn, valid, tail)
                 if appended is not None:
                     inserted, updated, unchanged = len(valid), 0, 0
                 else:
-                    inserted, updated, unchanged = writer.write(conn, valid, page.rows)
+                    inserted, updated, unchanged = writer.write(conn, valid)
                     appended = writer.tail(conn) if inserted else tail
                 store_rejections(conn, resource, rejected, run_id, page_no)
                 conn.execute(
@@ -738,7 +750,7 @@ class Ingest:
                     .values(
                         next_page=page_no + 1,
                         pages=IngestRunResource.pages + 1,
-                        fetched=IngestRunResource.fetched + len(page.fetched.records),
+                        fetched=IngestRunResource.fetched + page.fetched,
                         inserted=IngestRunResource.inserted + inserted,
                         updated=IngestRunResource.updated + updated,
                         unchanged=IngestRunResource.unchanged + unchanged + skipped,
@@ -759,51 +771,57 @@ class Ingest:
                 .values(done=True)
             )
 
-    def _fetch_and_prepare(
-        self, resource: Resource, writer: PageWriter, page_no: int, validate: bool
-    ) -> PreparedPage:
-        fetched = self.client.get_page(resource.source_path, page_no, self.page_size)
-        return PreparedPage.of(resource, writer, fetched, validate)
+    def _pages(self, resource: Resource, start_page: int) -> Iterator[tuple[int, PreparedPage]]:
+        """Pages from ``start_page`` on, in order, fetched and prepared. The first page tells
+        how many follow; those are fetched and prepared ahead while the caller writes: in
+        worker processes when there are enough of them to repay starting the processes,
+        else in threads. At most a few pages are in memory at once."""
+        maker = PageMaker(self.settings)
+        try:
+            first = maker(resource.name, start_page)
+            yield start_page, first
+            last_page = math.ceil(first.total / self.page_size)
+            if not first.fetched or start_page >= last_page:
+                log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
+                return
+            yield from self._pages_ahead(maker, resource, range(start_page + 1, last_page + 1))
+        finally:
+            maker.close()
 
-    def _pages(
-        self, resource: Resource, writer: PageWriter, start_page: int, validate: bool
+    def _pages_ahead(
+        self, maker: PageMaker, resource: Resource, page_numbers: range
     ) -> Iterator[tuple[int, PreparedPage]]:
-        """Pages from ``start_page`` on, in order, fetched and prepared. Up to
-        ``prefetch_pages`` are fetched and prepared ahead, in threads, while the caller
-        writes, so at most that many pages (plus one) sit in memory."""
-        limit = self.page_size
-        first = self._fetch_and_prepare(resource, writer, start_page, validate)
-        yield start_page, first
-        last_page = math.ceil(first.fetched.total / limit)
-        if not first.fetched.records or start_page >= last_page:
-            log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
-            return
-        upcoming = iter(range(start_page + 1, last_page + 1))
-        with ThreadPoolExecutor(max(self.prefetch_pages, 1), "fetch") as pool:
-            window: deque[tuple[int, Future]] = deque()
+        pool: Executor
+        if self.workers and len(page_numbers) >= PROCESS_POOL_MIN_PAGES:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            pool = ProcessPoolExecutor(
+                self.workers, context, initializer=_start_worker, initargs=(self.settings,)
+            )
+            prepare, ahead = _prepare_in_worker, self.workers + 1
+        else:
+            pool, prepare, ahead = ThreadPoolExecutor(2, "fetch"), maker, 2
+        upcoming = iter(page_numbers)
+        window: deque[tuple[int, Future]] = deque()
 
-            def schedule() -> None:
-                page_no = next(upcoming, None)
-                if page_no is not None:
-                    future = pool.submit(
-                        self._fetch_and_prepare, resource, writer, page_no, validate
-                    )
-                    window.append((page_no, future))
+        def schedule() -> None:
+            page_no = next(upcoming, None)
+            if page_no is not None:
+                window.append((page_no, pool.submit(prepare, resource.name, page_no)))
 
-            for _ in range(max(self.prefetch_pages, 1)):
+        try:
+            for _ in range(ahead):
                 schedule()
-            try:
-                while window:
-                    page_no, future = window.popleft()
-                    page = future.result()
-                    if not page.fetched.records:
-                        log.info("%s: page %d was empty; stopping", resource.name, page_no)
-                        return
-                    schedule()
-                    yield page_no, page
-            finally:
-                for _, future in window:
-                    future.cancel()
+            while window:
+                page_no, future = window.popleft()
+                page = future.result()
+                if not page.fetched:
+                    log.info("%s: page %d was empty; stopping", resource.name, page_no)
+                    return
+                schedule()
+                yield page_no, page
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self, run_id: int, status: str, error: str | None = None) -> None:
         with self.engine.begin() as conn:

@@ -35,6 +35,9 @@ class SourceError(Exception):
         self.url = url
         self.cause = cause
 
+    def __reduce__(self) -> tuple:  # raised in worker processes, so it must pickle
+        return type(self), (self.url, self.cause)
+
 
 class TransientSourceError(SourceError):
     """A failure worth retrying: the next attempt may well succeed."""
@@ -42,6 +45,9 @@ class TransientSourceError(SourceError):
     def __init__(self, url: str, cause: str, retry_after: float | None = None) -> None:
         super().__init__(url, cause)
         self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.url, self.cause, self.retry_after)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pipeline_service.ingest import (
 from pipeline_service.models import IngestRun, IngestRunResource
 from pipeline_service.resources import RESOURCES
 from pipeline_service.schemas import ErrorBody
-from pipeline_service.source import SourceClient, SourceError
+from pipeline_service.source import SourceError
 
 router = APIRouter(prefix="/ingest", tags=["ingest"])
 
@@ -51,9 +51,7 @@ def ingest(
     """Walk every page of the source and upsert it; answers with the run's counts."""
     if resume is not None and resource is not None:
         return error_response(400, "resume: a resumed run keeps its own resources; drop 'resource'")
-    settings = request.app.state.settings
-    client = SourceClient(settings)
-    runner = Ingest(request.app.state.engine, client, settings.ingest_page_size)
+    runner = Ingest(request.app.state.engine, request.app.state.settings)
     try:
         result = runner.run([resource] if resource else None, trigger="api", resume_run_id=resume)
     except IngestBusy as exc:
@@ -72,8 +70,6 @@ def ingest(
         if isinstance(exc.cause, DBAPIError):
             raise exc.cause from None
         raise
-    finally:
-        client.close()
     return JSONResponse(result.as_dict())
 
 
