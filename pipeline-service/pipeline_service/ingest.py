@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import multiprocessing
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -357,7 +359,8 @@ class PageWriter:
     ) -> Tail | None:
         """If :meth:`sorts_after`, COPY ``records`` (unique keys) straight into the table in
         ``conn``'s transaction, numbered on from ``tail.position`` in key order, and return
-        the new tail. Otherwise write nothing and return None."""
+        the new tail (the caller adds them to the collection's total). Otherwise write
+        nothing and return None."""
         if not self.sorts_after(records, tail):
             return None
         ordered = sorted(records)  # by key first
@@ -365,7 +368,6 @@ class PageWriter:
             [b"%s,%d" % (r.line, position) for position, r in enumerate(ordered, tail.position + 1)]
         )
         self._copy(conn, self.append_sql, data)
-        conn.execute(self.count_inserted, {"inserted": len(ordered), "appended": True})
         return Tail(ordered[-1].key[0], tail.position + len(ordered))
 
     def write(self, conn: Connection, records: Sequence[Prepared]) -> tuple[int, int, int]:
@@ -533,6 +535,19 @@ class PreparedPage:
                 seen.add(r.key)
         return found
 
+    def __reduce__(self) -> tuple:
+        # Column by column: a list of named tuples pickles several times slower.
+        records = self.records
+        columns = [list(column) for column in zip(*records, strict=True)] if records else []
+        return _page_from_columns, (self.total, self.fetched, columns, self.rejected)
+
+
+def _page_from_columns(
+    total: int, fetched: int, columns: list[list], rejected: list[Rejection]
+) -> PreparedPage:
+    records = list(map(Prepared, *columns)) if columns else []
+    return PreparedPage(total, fetched, records, rejected)
+
 
 def prepare_page(resource: Resource, writer: "PageWriter", fetched: SourcePage) -> PreparedPage:
     """Validate one fetched page and render its valid records."""
@@ -566,9 +581,21 @@ class PageMaker:
 _worker_maker: PageMaker | None = None
 
 
-def _start_worker(settings: Settings) -> None:
+def _start_worker(settings: Settings, owner_pid: int) -> None:
     global _worker_maker
     _worker_maker = PageMaker(settings)
+    threading.Thread(target=_exit_with_owner, args=(owner_pid,), daemon=True).start()
+
+
+def _exit_with_owner(owner_pid: int) -> None:
+    """End this worker once the process that started it is gone (even killed with -9, when
+    it cannot say so): the worker holds its own task pipe open and would wait forever."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
 
 
 def _prepare_in_worker(resource_name: str, page_no: int) -> PreparedPage:
@@ -597,6 +624,23 @@ class RunResult:
             "rejected": sum(c.rejected for c in self.counts.values()),
             "resources": {name: asdict(c) for name, c in self.counts.items()},
         }
+
+
+# The end of a page's transaction, in one round trip: its checkpoint and counts in the
+# ledger, and the records appended added to the collection's total. The commit need not
+# wait for its WAL flush: page and checkpoint commit together, so a crash loses both and a
+# resume fetches the page again. The run's final commit is synchronous and flushes all.
+PAGE_DONE = text(
+    """
+    SET LOCAL synchronous_commit = off;
+    UPDATE collection_stats SET total = total + :added WHERE resource = :resource AND :added > 0;
+    UPDATE ingest_run_resources SET
+        next_page = :page_no + 1, pages = pages + 1, fetched = fetched + :fetched,
+        inserted = inserted + :inserted, updated = updated + :updated,
+        unchanged = unchanged + :unchanged, rejected = rejected + :rejected
+    WHERE run_id = :run_id AND resource = :resource
+    """
+)
 
 
 class Ingest:
@@ -724,10 +768,6 @@ class Ingest:
             tail = writer.tail(conn)
         for page_no, page in self._pages(resource, start_page):
             with self.engine.begin() as conn:
-                # A page commit need not wait for its WAL flush: the checkpoint commits with
-                # it, so a crash loses page and checkpoint together and a resume re-fetches
-                # them. The run's final commit is synchronous and flushes everything before.
-                conn.execute(text("SET LOCAL synchronous_commit = off"))
                 records = page.records
                 if look_up and not writer.sorts_after(records, tail):
                     records = writer.changed(conn, page)
@@ -736,26 +776,24 @@ class Ingest:
                 rejected = page.rejected + orphans
                 appended = writer.append(conn, valid, tail)
                 if appended is not None:
-                    inserted, updated, unchanged = len(valid), 0, 0
+                    inserted, updated, unchanged, added = len(valid), 0, 0, len(valid)
                 else:
                     inserted, updated, unchanged = writer.write(conn, valid)
-                    appended = writer.tail(conn) if inserted else tail
+                    added, appended = 0, writer.tail(conn) if inserted else tail
                 store_rejections(conn, resource, rejected, run_id, page_no)
                 conn.execute(
-                    update(IngestRunResource)
-                    .where(
-                        IngestRunResource.run_id == run_id,
-                        IngestRunResource.resource == resource.name,
-                    )
-                    .values(
-                        next_page=page_no + 1,
-                        pages=IngestRunResource.pages + 1,
-                        fetched=IngestRunResource.fetched + page.fetched,
-                        inserted=IngestRunResource.inserted + inserted,
-                        updated=IngestRunResource.updated + updated,
-                        unchanged=IngestRunResource.unchanged + unchanged + skipped,
-                        rejected=IngestRunResource.rejected + len(rejected),
-                    )
+                    PAGE_DONE,
+                    {
+                        "run_id": run_id,
+                        "resource": resource.name,
+                        "page_no": page_no,
+                        "fetched": page.fetched,
+                        "inserted": inserted,
+                        "updated": updated,
+                        "unchanged": unchanged + skipped,
+                        "rejected": len(rejected),
+                        "added": added,
+                    },
                 )
             tail = appended  # committed
             if rejected:
@@ -796,7 +834,10 @@ class Ingest:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
             pool = ProcessPoolExecutor(
-                self.workers, context, initializer=_start_worker, initargs=(self.settings,)
+                self.workers,
+                context,
+                initializer=_start_worker,
+                initargs=(self.settings, os.getpid()),
             )
             prepare, ahead = _prepare_in_worker, self.workers + 1
         else:

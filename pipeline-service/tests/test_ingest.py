@@ -3,6 +3,7 @@
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from pipeline_service.ingest import INGEST_LOCK_ID, storable_json
@@ -14,6 +15,7 @@ from conftest import (
     load_sample,
     machine,
     reading,
+    wait_until,
 )
 
 KEY_WIDTH = {"customers": 1, "machines": 1, "machine_readings": 2}
@@ -391,6 +393,8 @@ def test_pipeline_killed_mid_ingest_then_resumed_ends_exact(
             time.sleep(0.05)
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(timeout=10)
+        # Its page workers (worker processes, 30 pages of 10) notice and end by themselves.
+        wait_until(lambda: not processes_started_in(tmp_path), 15, "the page workers to end")
     finally:
         first.stop()
 
@@ -491,3 +495,16 @@ def test_invalid_records_are_rejected_again_on_every_run(serve_source, make_clie
         assert body["rejected"] == 1
         assert body["resources"]["customers"]["unchanged"] == (run == 2)
     assert count(db, "rejected_records") == 2
+
+
+def processes_started_in(directory) -> list[int]:
+    """PIDs of live processes whose working directory is ``directory``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            here = entry.name.isdigit() and (entry / "cwd").resolve() == Path(directory).resolve()
+            if here and "State:\tZ" not in (entry / "status").read_text():  # zombies are gone
+                found.append(int(entry.name))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return found
