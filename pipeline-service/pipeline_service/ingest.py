@@ -270,23 +270,37 @@ class PageWriter:
                 "UPDATE collection_stats SET positions_exact = true WHERE resource = :resource"
             ).bindparams(resource=resource.name)
         self.clear_stage = text(f'DELETE FROM "{self.stage}"')
-        # A candidate is stored unchanged when a row carries its digest; the probe finds that
-        # row by key where the key is one column (its primary key index serves), else by the
-        # digest's own index. A LATERAL probe with LIMIT 1 is an index lookup per candidate,
-        # where a join may be planned as a scan of the whole table.
-        probe = "t.source_hash = u.h"
+        # A candidate is stored unchanged when a row carries its digest. Where the key is
+        # one column, the rows are read with one range scan of the primary key over the
+        # page's keys (a page is usually a run of neighbouring keys); LIMIT bounds the scan
+        # when it is not, and a candidate it misses is merely written again, as an
+        # unchanged upsert. Otherwise a LATERAL probe per candidate (LIMIT 1 keeps it an
+        # index lookup) finds the row by the digest's own index.
         if len(resource.key) == 1:
-            probe = f't."{resource.key[0]}" = u.k AND {probe}'
-        self.find_changed = text(
-            f"""
-            SELECT coalesce(array_agg(u.i), '{{}}')
-            FROM unnest(CAST(:keys AS text[]), CAST(:digests AS uuid[])) WITH ORDINALITY u(k, h, i)
-            LEFT JOIN LATERAL (
-                SELECT true AS stored FROM "{target}" t WHERE {probe} LIMIT 1
-            ) found ON true
-            WHERE found.stored IS NULL
-            """
-        )
+            k = resource.key[0]
+            self.find_changed = text(
+                f"""
+                SELECT coalesce(array_agg(u.i), '{{}}')
+                FROM unnest(CAST(:keys AS text[]), CAST(:digests AS uuid[]))
+                    WITH ORDINALITY u(k, h, i)
+                LEFT JOIN (
+                    SELECT "{k}" AS k, source_hash AS h FROM "{target}"
+                    WHERE "{k}" BETWEEN :low AND :high ORDER BY "{k}" LIMIT :most
+                ) t ON t.k = u.k COLLATE "C" AND t.h = u.h
+                WHERE t.k IS NULL
+                """
+            )
+        else:
+            self.find_changed = text(
+                f"""
+                SELECT coalesce(array_agg(u.i), '{{}}')
+                FROM unnest(CAST(:digests AS uuid[])) WITH ORDINALITY u(h, i)
+                LEFT JOIN LATERAL (
+                    SELECT true AS stored FROM "{target}" t WHERE t.source_hash = u.h LIMIT 1
+                ) found ON true
+                WHERE found.stored IS NULL
+                """
+            )
         self._by_key = len(resource.key) == 1
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
@@ -331,9 +345,16 @@ class PageWriter:
         if not candidates:
             return page.records
         # Array literals: much cheaper to send than a thousand parameters each.
-        keys = _array_literal(key for (key,) in candidates) if self._by_key else "{}"
-        digests = "{" + ",".join(candidates.values()) + "}"
-        found = conn.execute(self.find_changed, {"keys": keys, "digests": digests}).scalar()
+        params = {"digests": "{" + ",".join(candidates.values()) + "}"}
+        if self._by_key:
+            keys = [key for (key,) in candidates]
+            params |= {
+                "keys": _array_literal(keys),
+                "low": min(keys),
+                "high": max(keys),
+                "most": 2 * len(keys),
+            }
+        found = conn.execute(self.find_changed, params).scalar()
         if len(found) == len(candidates):
             return page.records
         numbers = set(found)  # 1-based, in the order of candidates
