@@ -573,13 +573,20 @@ def _page_from_columns(
 def prepare_page(resource: Resource, writer: "PageWriter", fetched: SourcePage) -> PreparedPage:
     """Validate one fetched page and render its valid records."""
     checked = check_page(resource, fetched)
-    lines = writer.csv_rows(checked.valid)
-    keep_raw = resource.parent is not None
-    records = [
-        Prepared(resource.canonical_key(raw), line, digest, raw if keep_raw else None)
-        for raw, (line, digest) in zip(checked.valid, lines, strict=True)
-    ]
+    records = prepare_records(resource, writer, checked.valid)
     return PreparedPage(fetched.total, len(fetched.records), records, checked.rejected)
+
+
+def prepare_records(
+    resource: Resource, writer: "PageWriter", valid: Sequence[dict[str, Any]]
+) -> list[Prepared]:
+    """Valid source records made ready for :meth:`PageWriter.write` or ``append``."""
+    lines = writer.csv_rows(valid)
+    keep_raw = resource.parent is not None
+    return [
+        Prepared(resource.canonical_key(raw), line, digest, raw if keep_raw else None)
+        for raw, (line, digest) in zip(valid, lines, strict=True)
+    ]
 
 
 class PageMaker:

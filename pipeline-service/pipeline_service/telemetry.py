@@ -16,7 +16,13 @@ from sqlalchemy import ColumnElement, Double, Numeric, cast, func, literal, sele
 from sqlalchemy.dialects.postgresql import aggregate_order_by, array_agg
 from sqlalchemy.orm import Session
 
-from pipeline_service.ingest import PageWriter, Rejection, store_rejections, validate_page
+from pipeline_service.ingest import (
+    PageWriter,
+    Rejection,
+    prepare_records,
+    store_rejections,
+    validate_page,
+)
 from pipeline_service.models import MachineStatusChange
 from pipeline_service.resources import MACHINES, READINGS
 from pipeline_service.schemas import Key, RecordModel, Timestamp
@@ -283,7 +289,8 @@ def push_readings(session: Session, machine_id: str, submitted: Sequence[Any]) -
     rejected = sorted(mismatched + invalid, key=lambda item: item[0])
 
     conn = session.connection()
-    inserted, updated, unchanged = _reading_writer.write(conn, checked.valid)
+    valid = prepare_records(READINGS, _reading_writer, checked.valid)
+    inserted, updated, unchanged = _reading_writer.write(conn, valid)
     store_rejections(conn, READINGS, [r for _, r in rejected], run_id=None, source_page=None)
     return PushResult(
         accepted=len(submitted) - len(rejected),
