@@ -7,6 +7,11 @@ Guarantees:
 - an invalid record is stored in ``rejected_records`` with its reason, never dropped and
   never fatal to the rest of its page; within a page and a run, the later record wins;
 - unchanged records are not rewritten.
+
+How: worker processes fetch, validate and render pages ahead (:class:`PageMaker`) while
+this process writes them in order (:class:`PageWriter`): a page of new keys that all sort
+after the stored ones with one COPY into the table, any other page with COPY into a
+temporary table and one ``INSERT ... ON CONFLICT``.
 """
 
 import hashlib
@@ -15,6 +20,7 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import threading
 import time
@@ -609,6 +615,22 @@ class PageMaker:
 _worker_maker: PageMaker | None = None
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Page workers fork from a server process that has this module imported already: a
+    fresh interpreter, so they inherit neither the serving process's threads nor its
+    database connections, yet start in milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def start_worker_server() -> None:
+    """Start the server page workers fork from, so that no ingest waits for it (it takes
+    about half a second); later calls return at once."""
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
 def _start_worker(settings: Settings, owner_pid: int) -> None:
     global _worker_maker
     _worker_maker = PageMaker(settings)
@@ -859,11 +881,9 @@ class Ingest:
     ) -> Iterator[tuple[int, PreparedPage]]:
         pool: Executor
         if self.workers and len(page_numbers) >= PROCESS_POOL_MIN_PAGES:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
             pool = ProcessPoolExecutor(
                 self.workers,
-                context,
+                _worker_context(),
                 initializer=_start_worker,
                 initargs=(self.settings, os.getpid()),
             )

@@ -1,6 +1,7 @@
 """Builds the FastAPI application; routes live in ``api/routes``."""
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -9,6 +10,7 @@ from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
 from pipeline_service.db import create_db_engine
 from pipeline_service.errors import document_error_responses, install_error_handlers
+from pipeline_service.ingest import start_worker_server
 from pipeline_service.limits import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not settings.pipeline_api_key:
             log.warning("PIPELINE_API_KEY is not set: POST endpoints accept anyone")
+        if settings.ingest_workers:
+            threading.Thread(target=start_worker_server, name="worker-server", daemon=True).start()
         yield
         app.state.engine.dispose()
 

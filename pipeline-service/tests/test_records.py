@@ -217,6 +217,29 @@ def test_pages_stay_exact_when_new_keys_land_between_stored_ones(serve_source, m
         assert ids(body) == [f"C{n:05d}" for n in range(page * 9 - 8, min(page * 9, 40) + 1)]
 
 
+def test_keys_are_served_in_byte_order_whatever_the_source_order(serve_source, make_client, db):
+    keys = ["b", "B", "é", "e", "😀", "\uff5a", "a1", "a10", "a2", "Z", "z", "É"]
+    records = [customer(n, customer_id=key) for n, key in enumerate(keys, 1)]
+    ascending = sorted(records, key=lambda r: r["customer_id"])
+    # First a source in key order (every page appended), then one in another order.
+    client = make_client(serve_source(customers=ascending[::2]).url, ingest_page_size=2)
+    client.post("/api/ingest?resource=customers")
+    client.app.state.settings.mock_server_url = serve_source(customers=records).url
+    client.post("/api/ingest?resource=customers")
+
+    expected = sorted(keys)  # code point order, which is UTF-8 byte order
+    body = client.get("/api/customers?limit=100").json()
+    assert ids(body) == expected
+    assert [ids(client.get(f"/api/customers?page={p}&limit=5").json()) for p in (1, 2, 3)] == [
+        expected[:5],
+        expected[5:10],
+        expected[10:],
+    ]
+    with db.cursor() as cur:
+        cur.execute("SELECT customer_id FROM customers ORDER BY position")
+        assert [r[0] for r in cur.fetchall()] == expected
+
+
 def test_next_links_walk_every_record_once(client_with_23):
     seen, url, hops = [], "/api/customers?limit=5", 0
     while url:
