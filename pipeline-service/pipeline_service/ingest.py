@@ -163,6 +163,16 @@ class Prepared(NamedTuple):
 # --- writing one page ------------------------------------------------------------------
 
 
+class Written(NamedTuple):
+    """What an upsert did, counting distinct keys."""
+
+    inserted: int
+    updated: int
+    unchanged: int
+    in_key_order: bool = True
+    """Every inserted key sorts after the stored ones: positions numbered on stay exact."""
+
+
 @dataclass(frozen=True)
 class Tail:
     """The greatest stored key of a positioned collection and the greatest position (None
@@ -260,10 +270,6 @@ class PageWriter:
                 FROM written
                 """
             )
-            self.count_inserted = text(
-                "UPDATE collection_stats SET total = total + :inserted, "
-                "positions_exact = positions_exact AND :appended WHERE resource = :resource"
-            ).bindparams(resource=resource.name)
             self.renumber = text(
                 f"""
                 UPDATE "{target}" t SET position = r.position
@@ -397,20 +403,18 @@ class PageWriter:
         self._copy(conn, self.append_sql, data)
         return Tail(ordered[-1].key[0], tail.position + len(ordered))
 
-    def write(self, conn: Connection, records: Sequence[Prepared]) -> tuple[int, int, int]:
+    def write(self, conn: Connection, records: Sequence[Prepared]) -> "Written":
         """Upsert ``records`` in ``conn``'s transaction, without committing; of records with
-        the same key (as PostgreSQL compares them) the later wins. Returns (inserted,
-        updated, unchanged), counting distinct keys."""
+        the same key (as PostgreSQL compares them) the later wins. Counts distinct keys; the
+        caller adds the inserted ones to the collection's total."""
         if not records:
-            return 0, 0, 0
+            return Written(0, 0, 0)
         data = b"\n".join([b"%s,%d" % (r.line, i) for i, r in enumerate(records)])
         conn.execute(self.create_stage)
         self._copy(conn, self.copy_sql, data)
-        inserted, updated, appended, distinct = conn.execute(self.upsert).one()
+        inserted, updated, in_key_order, distinct = conn.execute(self.upsert).one()
         conn.execute(self.clear_stage)
-        if self.positioned and (inserted or not appended):
-            conn.execute(self.count_inserted, {"inserted": inserted, "appended": appended})
-        return inserted, updated, distinct - inserted - updated
+        return Written(inserted, updated, distinct - inserted - updated, in_key_order)
 
     @staticmethod
     def _copy(conn: Connection, sql: str, data: bytes) -> None:
@@ -677,13 +681,17 @@ class RunResult:
 
 
 # The end of a page's transaction, in one round trip: its checkpoint and counts in the
-# ledger, and the records appended added to the collection's total. The commit need not
+# ledger, and the records inserted added to the collection's total (only collections
+# served by position have one), whose positions are marked for renumbering when keys
+# landed between stored ones. The commit need not
 # wait for its WAL flush: page and checkpoint commit together, so a crash loses both and a
 # resume fetches the page again. The run's final commit is synchronous and flushes all.
 PAGE_DONE = text(
     """
     SET LOCAL synchronous_commit = off;
-    UPDATE collection_stats SET total = total + :added WHERE resource = :resource AND :added > 0;
+    UPDATE collection_stats
+    SET total = total + :inserted, positions_exact = positions_exact AND :in_key_order
+    WHERE resource = :resource AND (:inserted > 0 OR NOT :in_key_order);
     UPDATE ingest_run_resources SET
         next_page = :page_no + 1, pages = pages + 1, fetched = fetched + :fetched,
         inserted = inserted + :inserted, updated = updated + :updated,
@@ -826,10 +834,10 @@ class Ingest:
                 rejected = page.rejected + orphans
                 appended = writer.append(conn, valid, tail)
                 if appended is not None:
-                    inserted, updated, unchanged, added = len(valid), 0, 0, len(valid)
+                    written = Written(len(valid), 0, 0)
                 else:
-                    inserted, updated, unchanged = writer.write(conn, valid)
-                    added, appended = 0, writer.tail(conn) if inserted else tail
+                    written = writer.write(conn, valid)
+                    appended = writer.tail(conn) if written.inserted else tail
                 store_rejections(conn, resource, rejected, run_id, page_no)
                 conn.execute(
                     PAGE_DONE,
@@ -838,11 +846,11 @@ class Ingest:
                         "resource": resource.name,
                         "page_no": page_no,
                         "fetched": page.fetched,
-                        "inserted": inserted,
-                        "updated": updated,
-                        "unchanged": unchanged + skipped,
+                        "inserted": written.inserted,
+                        "updated": written.updated,
+                        "unchanged": written.unchanged + skipped,
                         "rejected": len(rejected),
-                        "added": added,
+                        "in_key_order": written.in_key_order,
                     },
                 )
             tail = appended  # committed

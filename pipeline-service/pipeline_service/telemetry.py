@@ -290,7 +290,7 @@ def push_readings(session: Session, machine_id: str, submitted: Sequence[Any]) -
 
     conn = session.connection()
     valid = prepare_records(READINGS, _reading_writer, checked.valid)
-    inserted, updated, unchanged = _reading_writer.write(conn, valid)
+    inserted, updated, unchanged, _ = _reading_writer.write(conn, valid)
     store_rejections(conn, READINGS, [r for _, r in rejected], run_id=None, source_page=None)
     return PushResult(
         accepted=len(submitted) - len(rejected),
