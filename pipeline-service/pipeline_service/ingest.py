@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from operator import itemgetter
@@ -438,7 +438,7 @@ class PageWriter:
             conn.execute(self.mark_exact)
 
 
-def _array_literal(values: Iterator[str]) -> str:
+def _array_literal(values: Iterable[str]) -> str:
     """A PostgreSQL text[] literal of ``values``, each quoted."""
     quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
     return "{" + ",".join(quoted) + "}"
