@@ -25,8 +25,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -283,24 +284,17 @@ class PageWriter:
             ).bindparams(resource=resource.name)
         self.clear_stage = text(f'DELETE FROM "{self.stage}"')
         # A candidate is stored unchanged when a row carries its digest. Where the key is
-        # one column, the rows are read with one range scan of the primary key over the
-        # page's keys (a page is usually a run of neighbouring keys); LIMIT bounds the scan
-        # when it is not, and a candidate it misses is merely written again, as an
-        # unchanged upsert. Otherwise a LATERAL probe per candidate (LIMIT 1 keeps it an
-        # index lookup) finds the row by the digest's own index.
+        # one column, the stored digests are read with one range scan of the primary key
+        # over the page's keys (a page is usually a run of neighbouring keys) and compared
+        # here; LIMIT bounds the scan when it is not, and a candidate it misses is merely
+        # written again, as an unchanged upsert. Otherwise a LATERAL probe per candidate
+        # (LIMIT 1 keeps it an index lookup) finds the row by the digest's own index.
         if len(resource.key) == 1:
             k = resource.key[0]
-            self.find_changed = text(
-                f"""
-                SELECT coalesce(array_agg(u.i), '{{}}')
-                FROM unnest(CAST(:keys AS text[]), CAST(:digests AS uuid[]))
-                    WITH ORDINALITY u(k, h, i)
-                LEFT JOIN (
-                    SELECT "{k}" AS k, source_hash AS h FROM "{target}"
-                    WHERE "{k}" BETWEEN :low AND :high ORDER BY "{k}" LIMIT :most
-                ) t ON t.k = u.k COLLATE "C" AND t.h = u.h
-                WHERE t.k IS NULL
-                """
+            # Run on the DBAPI cursor: a thousand SQLAlchemy rows cost more than the scan.
+            self.read_digests = (
+                f'SELECT "{k}", encode(uuid_send(source_hash), \'hex\') FROM "{target}" '
+                f'WHERE "{k}" BETWEEN %(low)s AND %(high)s ORDER BY "{k}" LIMIT %(most)s'
             )
         else:
             self.find_changed = text(
@@ -356,17 +350,21 @@ class PageWriter:
         candidates = page.candidates()
         if not candidates:
             return page.records
-        # Array literals: much cheaper to send than a thousand parameters each.
-        params = {"digests": "{" + ",".join(candidates.values()) + "}"}
         if self._by_key:
             keys = [key for (key,) in candidates]
-            params |= {
-                "keys": _array_literal(keys),
-                "low": min(keys),
-                "high": max(keys),
-                "most": 2 * len(keys),
-            }
-        found = conn.execute(self.find_changed, params).scalar()
+            bounds = {"low": min(keys), "high": max(keys), "most": 2 * len(keys)}
+            # Python compares strings as the keys' "C" collation does: by code points.
+            with closing(conn.connection.dbapi_connection.cursor()) as cursor:
+                cursor.execute(self.read_digests, bounds)
+                stored = dict(cursor.fetchall())
+            return [
+                r
+                for r in page.records
+                if r.key not in candidates or stored.get(r.key[0]) != r.digest
+            ]
+        # An array literal: much cheaper to send than a thousand parameters.
+        digests = "{" + ",".join(candidates.values()) + "}"
+        found = conn.execute(self.find_changed, {"digests": digests}).scalar()
         if len(found) == len(candidates):
             return page.records
         numbers = set(found)  # 1-based, in the order of candidates
@@ -418,11 +416,8 @@ class PageWriter:
 
     @staticmethod
     def _copy(conn: Connection, sql: str, data: bytes) -> None:
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
+        with closing(conn.connection.dbapi_connection.cursor()) as cursor:
             cursor.copy_expert(sql, io.BytesIO(data), size=len(data) + 1)
-        finally:
-            cursor.close()
 
     def settle_positions(self, conn: Connection) -> None:
         """Renumber positions in key order if an ingest left them inexact (keys inserted
@@ -436,12 +431,6 @@ class PageWriter:
         if exact is False:
             conn.execute(self.renumber)
             conn.execute(self.mark_exact)
-
-
-def _array_literal(values: Iterable[str]) -> str:
-    """A PostgreSQL text[] literal of ``values``, each quoted."""
-    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
-    return "{" + ",".join(quoted) + "}"
 
 
 def _csv_value(value: Any) -> bytes:
