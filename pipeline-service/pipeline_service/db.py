@@ -1,13 +1,20 @@
-"""Database engine and the request-scoped session dependency."""
+"""Database access: the SQLAlchemy engine and session for everything the service writes
+and computes, and asyncpg pools for the hot reads (stored pages and records)."""
 
-from collections.abc import Iterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
+import asyncpg
 from fastapi import Depends, Request
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session
 
 from pipeline_service.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def create_db_engine(settings: Settings, **overrides) -> Engine:
@@ -38,3 +45,63 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached or dropped the connection."""
+
+
+class DatabaseBusy(Exception):
+    """No pooled connection came free in time."""
+
+
+class ReadPools:
+    """asyncpg connection pools for the read endpoints that serve stored pages and records.
+
+    Those endpoints run on the event loop itself: no thread hand-off per request, and asyncpg
+    keeps each statement prepared per connection. A pool belongs to the event loop that
+    opened it, so there is one per loop: :meth:`open` and :meth:`close` bracket an app's
+    lifespan in that loop (several test clients may each run one). Connections are opened on
+    demand; one that PostgreSQL dropped (a restart) fails its statement once and is replaced.
+    """
+
+    def __init__(self, settings: Settings, max_size: int = 10) -> None:
+        url = make_url(settings.database_url).set(drivername="postgresql")
+        self.dsn = url.render_as_string(hide_password=False)
+        self.max_size = max_size
+        self._pools: dict[asyncio.AbstractEventLoop, asyncpg.Pool] = {}
+
+    async def open(self) -> None:
+        self._pools[asyncio.get_running_loop()] = await asyncpg.create_pool(
+            self.dsn,
+            min_size=0,
+            max_size=self.max_size,
+            timeout=5,
+            server_settings={"timezone": "UTC", "application_name": "pipeline-service"},
+        )
+
+    async def close(self) -> None:
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection in autocommit mode: each statement sees its own snapshot.
+
+        Raises :class:`DatabaseUnavailable` or :class:`DatabaseBusy` instead of driver errors.
+        """
+        pool = self._pools[asyncio.get_running_loop()]
+        try:
+            async with pool.acquire(timeout=10) as conn:
+                yield conn
+        except TimeoutError as exc:  # before OSError, of which it is a subclass
+            raise DatabaseBusy() from exc
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,
+            asyncpg.InterfaceError,
+        ) as exc:
+            log.warning("database unavailable: %s", exc)
+            raise DatabaseUnavailable(str(exc)) from exc

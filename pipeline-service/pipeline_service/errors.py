@@ -9,6 +9,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 
+from pipeline_service.db import DatabaseBusy, DatabaseUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -46,17 +48,22 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return response
 
 
+UNAVAILABLE = "database unavailable; check that PostgreSQL is running and DATABASE_URL"
+
+
 async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
     if isinstance(exc, OperationalError) or exc.connection_invalidated:
         log.warning("database unavailable: %s", exc.orig)
-        return error_response(
-            503, "database unavailable; check that PostgreSQL is running and DATABASE_URL"
-        )
+        return error_response(503, UNAVAILABLE)
     log.exception("database error")
     return error_response(500, "internal database error; see the pipeline log")
 
 
-async def _pool_timeout(request: Request, exc: PoolTimeoutError) -> JSONResponse:
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(503, UNAVAILABLE)
+
+
+async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "database busy: no connection free; try again shortly")
 
 
@@ -70,6 +77,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeoutError, _pool_timeout)
+    app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
+    app.add_exception_handler(DatabaseBusy, _pool_timeout)
     app.add_exception_handler(Exception, _unexpected)
 
 

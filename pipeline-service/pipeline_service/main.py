@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 
 from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
-from pipeline_service.db import create_db_engine
+from pipeline_service.db import ReadPools, create_db_engine
 from pipeline_service.errors import document_error_responses, install_error_handlers
 from pipeline_service.ingest import start_worker_server
 from pipeline_service.limits import RequestLimits
@@ -26,8 +26,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("PIPELINE_API_KEY is not set: POST endpoints accept anyone")
         if settings.ingest_workers:
             threading.Thread(target=start_worker_server, name="worker-server", daemon=True).start()
-        yield
-        app.state.engine.dispose()
+        await app.state.reads.open()
+        try:
+            yield
+        finally:
+            await app.state.reads.close()
+            app.state.engine.dispose()
 
     app = FastAPI(
         title="pipeline-service",
@@ -37,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = create_db_engine(settings)
+    app.state.reads = ReadPools(settings)
     install_error_handlers(app)
     app.add_middleware(RequestLimits)
     api = APIRouter(prefix="/api")

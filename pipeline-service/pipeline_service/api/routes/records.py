@@ -1,9 +1,11 @@
 """Re-serving stored records: one pair of routes per top-level resource, plus readings.
 
-PostgreSQL renders the JSON of each answer. Page P of a top-level collection is a range
-seek on ``position`` and its total a one-row read (both kept exact by the ingest), so the
-last page costs what the first does. Clients that walk everything can follow ``next``, an
-opaque ``after`` cursor that stays correct while records are being added.
+PostgreSQL renders the JSON of each answer, and each answer is one statement (its total
+and its records see one snapshot) run on the event loop through asyncpg. Page P of a
+top-level collection is a range seek on ``position`` and its total a one-row read (both
+kept exact by the ingest), so the last page costs what the first does. Clients that walk
+everything can follow ``next``, an opaque ``after`` cursor that stays correct while records
+are being added.
 """
 
 import base64
@@ -12,9 +14,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
+import asyncpg
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from sqlalchemy import Connection, DateTime, TextClause, select, text
+from sqlalchemy import Connection, DateTime, select
 from sqlalchemy.orm import Session
 
 from pipeline_service.api.deps import LimitParam, PageParam
@@ -34,7 +37,8 @@ AfterParam = Annotated[
 class ServingQueries:
     """The SQL that renders one resource's stored rows as JSON, built once per resource.
 
-    Identifiers come from the resource definition only; every value is a bound parameter.
+    Identifiers come from the resource definition only; every value is a numbered
+    parameter ($1, $2, ...).
     """
 
     def __init__(self, resource: Resource) -> None:
@@ -49,28 +53,39 @@ class ServingQueries:
             else:
                 selected.append(f'"{name}"')
         self.select = ", ".join(selected)
-        self.one = text(
+        self.one = (
             f'SELECT row_to_json(r)::text FROM (SELECT {self.select} FROM "{self.table}" '
-            f'WHERE "{resource.key[-1]}" = :id) r'
+            f'WHERE "{resource.key[-1]}" = $1) r'
         )
+        if resource.positioned:
+            # $1 resource, $2 < position <= $3. No rows unless positions are exact.
+            rows = self.rows(
+                ["s.positions_exact", "position > $2", "position <= $3"], list(resource.key), ""
+            )
+            self.by_position = (
+                f"SELECT s.total, p.data, p.n, s.positions_exact FROM collection_stats s "
+                f"CROSS JOIN LATERAL ({rows}) p WHERE s.resource = $1"
+            )
 
-    def page(self, where: list[str], order: list[str], seek: str, tail: str) -> TextClause:
-        """Rows matching ``where`` and ``seek``, in ``order``, then ``tail`` (LIMIT/OFFSET):
-        their JSON array and count."""
-        conditions = " AND ".join([*where, seek] if seek else where) or "true"
+    def rows(self, conditions: list[str], order: list[str], tail: str) -> str:
+        """The JSON array and the count of the rows matching ``conditions``, in ``order``,
+        then ``tail`` (LIMIT/OFFSET), as columns ``data`` and ``n``."""
         ordered = ", ".join(f'"{o}"' for o in order)
-        return text(
-            f"SELECT coalesce(json_agg(r ORDER BY {ordered}), '[]')::text, count(*) "
+        return (
+            f"SELECT coalesce(json_agg(r ORDER BY {ordered}), '[]')::text AS data, count(*) AS n "
             f'FROM (SELECT {self.select} FROM "{self.table}" '
-            f"WHERE {conditions} ORDER BY {ordered} {tail}) r"
+            f"WHERE {' AND '.join(conditions) or 'true'} ORDER BY {ordered} {tail}) r"
         )
 
-    def count(self, where: list[str]) -> TextClause:
-        return text(f'SELECT count(*) FROM "{self.table}" WHERE {" AND ".join(where) or "true"}')
+    def page(self, total: str, conditions: list[str], order: list[str], tail: str) -> str:
+        """:meth:`rows` with the total the query ``total`` gives, in one statement."""
+        return f"SELECT ({total}), p.data, p.n, true FROM ({self.rows(conditions, order, tail)}) p"
+
+    def count(self, conditions: list[str]) -> str:
+        return f'SELECT count(*) FROM "{self.table}" WHERE {" AND ".join(conditions) or "true"}'
 
 
 QUERIES = {name: ServingQueries(resource) for name, resource in RESOURCES.items()}
-STATS = text("SELECT total, positions_exact FROM collection_stats WHERE resource = :resource")
 
 
 def _encode_cursor(values: list[Any]) -> str:
@@ -89,8 +104,8 @@ def _decode_cursor(cursor: str, size: int) -> list[Any]:
     return values
 
 
-def json_page(
-    conn: Connection,
+async def json_page(
+    conn: asyncpg.Connection,
     request: Request,
     resource: Resource,
     page: int,
@@ -103,51 +118,54 @@ def json_page(
     'from'/'to' bounds of a time window) in ``order`` (page ``page``, or the records after
     the cursor ``after``), their exact total, and a ``next`` link."""
     queries = QUERIES[resource.name]
-    params: dict[str, Any] = {"limit": limit}
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
     conditions = []
     for column, value in where.items():
         if column == "from":
-            conditions.append('"timestamp" >= :window_from')
-            params["window_from"] = value
+            conditions.append(f'"timestamp" >= {arg(value)}')
         elif column == "to":
-            conditions.append('"timestamp" <= :window_to')
-            params["window_to"] = value
+            conditions.append(f'"timestamp" <= {arg(value)}')
         else:
-            conditions.append(f'"{column}" = :{column}')
-            params[column] = value
-
-    stats = None
-    if resource.positioned and not conditions:
-        stats = conn.execute(STATS, {"resource": resource.name}).one_or_none()
-    total = stats.total if stats else conn.execute(queries.count(conditions), params).scalar_one()
-
-    if after is not None:
-        values = _decode_cursor(after, len(order))
-        names = [f"after_{i}" for i in range(len(order))]
-        params |= dict(zip(names, values, strict=True))
-        if order[-1] == "timestamp":
-            params[names[-1]] = _parse_cursor_time(values[-1])
-        columns = ", ".join(f'"{o}"' for o in order)
-        seek = f"({columns}) > ({', '.join(':' + n for n in names)})"
-        query = queries.page(conditions, order, seek, "LIMIT :limit")
-    elif stats is not None and stats.positions_exact:
-        params |= {"first": (page - 1) * limit, "last": page * limit}
-        query = queries.page(conditions, order, "position > :first AND position <= :last", "")
+            conditions.append(f'"{column}" = {arg(value)}')
+    unfiltered = resource.positioned and not conditions
+    if unfiltered:
+        total = f"SELECT total FROM collection_stats WHERE resource = {arg(resource.name)}"
     else:
-        params["offset"] = (page - 1) * limit
-        query = queries.page(conditions, order, "", "LIMIT :limit OFFSET :offset")
-    data, count = conn.execute(query, params).one()
+        total = queries.count(conditions)
+
+    row = None
+    if after is not None:
+        values: list[Any] = _decode_cursor(after, len(order))
+        if order[-1] == "timestamp":
+            values[-1] = _parse_cursor_time(values[-1])
+        columns = ", ".join(f'"{o}"' for o in order)
+        seek = f"({columns}) > ({', '.join(arg(v) for v in values)})"
+        query = queries.page(total, [*conditions, seek], order, f"LIMIT {arg(limit)}")
+        row = await conn.fetchrow(query, *args)
+    else:
+        if unfiltered:
+            first, last = (page - 1) * limit, page * limit
+            row = await conn.fetchrow(queries.by_position, resource.name, first, last)
+        if row is None or not row[3]:  # positions not exact (an ingest is settling them)
+            tail = f"LIMIT {arg(limit)} OFFSET {arg((page - 1) * limit)}"
+            row = await conn.fetchrow(queries.page(total, conditions, order, tail), *args)
+    total_count, data, count, _ = row
 
     next_link = None
     if count == limit:
-        last = orjson.loads(data)[-1]
-        cursor = _encode_cursor([last[o] for o in order])
+        last_record = orjson.loads(data)[-1]
+        cursor = _encode_cursor([last_record[o] for o in order])
         query_params = dict(request.query_params) | {"limit": limit, "after": cursor}
         query_params.pop("page", None)
         next_link = f"{request.url.path}?{urlencode(query_params)}"
     body = b'{"data":%s,"total":%d,"page":%s,"limit":%d,"next":%s}' % (
         data.encode(),
-        total,
+        total_count,
         b"null" if after else str(page).encode(),
         limit,
         orjson.dumps(next_link),
@@ -162,14 +180,9 @@ def _parse_cursor_time(value: str) -> datetime:
         raise HTTPException(400, "after: not a cursor this API gave out") from None
 
 
-def _snapshot(request: Request) -> Connection:
-    """A connection whose reads all see one snapshot (the total agrees with the page)."""
-    return request.app.state.engine.connect().execution_options(isolation_level="REPEATABLE READ")
-
-
-def json_record(conn: Connection, resource: Resource, record_id: str) -> Response:
+async def json_record(conn: asyncpg.Connection, resource: Resource, record_id: str) -> Response:
     """The stored record with key ``record_id`` as a JSON answer; 404 when there is none."""
-    found = conn.execute(QUERIES[resource.name].one, {"id": record_id}).scalar()
+    found = await conn.fetchval(QUERIES[resource.name].one, record_id)
     if found is None:
         raise HTTPException(404, f"no {resource.name[:-1]} with id {record_id!r}")
     return Response(found.encode(), media_type="application/json")
@@ -186,11 +199,12 @@ def add_collection_routes(resource: Resource) -> None:
         summary=f"List stored {resource.name} in key order",
         tags=[resource.name],
     )
-    def list_records(
+    async def list_records(
         request: Request, page: PageParam = 1, limit: LimitParam = 10, after: AfterParam = None
     ) -> Response:
-        with _snapshot(request) as conn:
-            return json_page(conn, request, resource, page, limit, after, {}, list(resource.key))
+        async with request.app.state.reads.connection() as conn:
+            order = list(resource.key)
+            return await json_page(conn, request, resource, page, limit, after, {}, order)
 
     @router.get(
         f"/{resource.name}/{{record_id}}",
@@ -200,9 +214,9 @@ def add_collection_routes(resource: Resource) -> None:
         summary=f"One stored {noun} by its id",
         tags=[resource.name],
     )
-    def get_record(record_id: str, request: Request) -> Response:
-        with request.app.state.engine.connect() as conn:
-            return json_record(conn, resource, record_id)
+    async def get_record(record_id: str, request: Request) -> Response:
+        async with request.app.state.reads.connection() as conn:
+            return await json_record(conn, resource, record_id)
 
 
 for _resource in RESOURCES.values():
@@ -253,7 +267,11 @@ def require_machine(session: Session | Connection, machine_id: str) -> None:
         session.execute(select(table.c.machine_id).where(table.c.machine_id == machine_id)).first()
         is None
     ):
-        raise HTTPException(404, f"no machine with id {machine_id!r}")
+        raise _no_machine(machine_id)
+
+
+def _no_machine(machine_id: str) -> HTTPException:
+    return HTTPException(404, f"no machine with id {machine_id!r}")
 
 
 @router.get(
@@ -263,7 +281,7 @@ def require_machine(session: Session | Connection, machine_id: str) -> None:
     summary="One machine's stored readings, oldest first",
     tags=["machines"],
 )
-def list_machine_readings(
+async def list_machine_readings(
     machine_id: str,
     request: Request,
     page: PageParam = 1,
@@ -278,6 +296,7 @@ def list_machine_readings(
         where["from"] = as_utc(start, "from")
     if end is not None:
         where["to"] = as_utc(end, "to")
-    with _snapshot(request) as conn:
-        require_machine(conn, machine_id)
-        return json_page(conn, request, READINGS, page, limit, after, where, ["timestamp"])
+    async with request.app.state.reads.connection() as conn:
+        if await conn.fetchval(QUERIES[MACHINES.name].one, machine_id) is None:
+            raise _no_machine(machine_id)
+        return await json_page(conn, request, READINGS, page, limit, after, where, ["timestamp"])
