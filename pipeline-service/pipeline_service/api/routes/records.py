@@ -86,6 +86,7 @@ class ServingQueries:
 
 
 QUERIES = {name: ServingQueries(resource) for name, resource in RESOURCES.items()}
+MACHINE_EXISTS = f'SELECT true FROM "{MACHINES.table.name}" WHERE machine_id = $1'
 
 
 def _encode_cursor(values: list[Any]) -> str:
@@ -297,6 +298,6 @@ async def list_machine_readings(
     if end is not None:
         where["to"] = as_utc(end, "to")
     async with request.app.state.reads.connection() as conn:
-        if await conn.fetchval(QUERIES[MACHINES.name].one, machine_id) is None:
+        if await conn.fetchval(MACHINE_EXISTS, machine_id) is None:
             raise _no_machine(machine_id)
         return await json_page(conn, request, READINGS, page, limit, after, where, ["timestamp"])
