@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import SAMPLE_DATA_DIR, customer, load_sample
+from conftest import SAMPLE_DATA_DIR, customer, load_sample, machine, reading
 
 
 @pytest.fixture
@@ -278,6 +278,27 @@ def test_reading_cursor_walks_a_time_window(sample_client):
         assert body["page"] is None
         walked += [r["timestamp"] for r in body["data"]]
     assert walked == [r["timestamp"] for r in everything["data"]]
+
+
+def test_readings_within_one_second_are_served_in_time_order(serve_source, make_client):
+    # Rendered as text, '08:00:00.5Z' sorts before '08:00:00Z': order must follow the time.
+    stamps = ["2024-06-01T08:00:01Z", "2024-06-01T08:00:00.25Z", "2024-06-01T08:00:00Z"]
+    stamps += ["2024-06-01T08:00:00.5Z", "2024-06-01T08:00:00.000001Z"]
+    readings = [reading(1, 0, timestamp=stamp) for stamp in stamps]
+    client = make_client(serve_source(machines=[machine(1)], readings=readings).url)
+    assert client.post("/api/ingest").status_code == 200
+
+    in_time_order = sorted(stamps, key=datetime.fromisoformat)
+    url = "/api/machines/M001/readings"
+    pages = [client.get(url, params={"page": p, "limit": 2}).json() for p in (1, 2, 3)]
+    assert [r["timestamp"] for page in pages for r in page["data"]] == in_time_order
+    walked, body = [], client.get(url, params={"limit": 2}).json()
+    while True:
+        walked += [r["timestamp"] for r in body["data"]]
+        if not body["next"]:
+            break
+        body = client.get(body["next"]).json()
+    assert walked == in_time_order
 
 
 @pytest.mark.parametrize("cursor", ["nonsense!", "W10", "WyJhIiwiYiJd", ""])

@@ -43,19 +43,23 @@ class ServingQueries:
 
     def __init__(self, resource: Resource) -> None:
         self.table = resource.table.name
-        selected = []
+        self.columns = ", ".join(f'"{name}"' for name in resource.fields)
+        rendered = []
         for name in resource.fields:
+            column = f'"{name}"'
             if isinstance(resource.table.c[name].type, DateTime):
                 # ISO-8601 in UTC written with 'Z', as the source writes it (sessions are UTC).
-                selected.append(
-                    f"replace(to_json(\"{name}\") #>> '{{}}', '+00:00', 'Z') AS \"{name}\""
+                rendered.append(
+                    f"replace(to_json(t.{column}) #>> '{{}}', '+00:00', 'Z') AS {column}"
                 )
             else:
-                selected.append(f'"{name}"')
-        self.select = ", ".join(selected)
+                rendered.append(f"t.{column}")
+        # The JSON of row t. Sorting happens on t's own columns: a rendered timestamp is
+        # text, whose order is not time order ('00:00:00.5Z' sorts before '00:00:00Z').
+        self.render = f"CROSS JOIN LATERAL (SELECT {', '.join(rendered)}) r"
         self.one = (
-            f'SELECT row_to_json(r)::text FROM (SELECT {self.select} FROM "{self.table}" '
-            f'WHERE "{resource.key[-1]}" = $1) r'
+            f'SELECT row_to_json(r)::text FROM (SELECT {self.columns} FROM "{self.table}" '
+            f'WHERE "{resource.key[-1]}" = $1) t {self.render}'
         )
         if resource.positioned:
             # $1 resource, $2 < position <= $3. No rows unless positions are exact.
@@ -63,23 +67,31 @@ class ServingQueries:
                 ["s.positions_exact", "position > $2", "position <= $3"], list(resource.key), ""
             )
             self.by_position = (
-                f"SELECT s.total, p.data, p.n, s.positions_exact FROM collection_stats s "
+                f"SELECT s.total, p.data, p.n, p.last, s.positions_exact FROM collection_stats s "
                 f"CROSS JOIN LATERAL ({rows}) p WHERE s.resource = $1"
             )
 
     def rows(self, conditions: list[str], order: list[str], tail: str) -> str:
-        """The JSON array and the count of the rows matching ``conditions``, in ``order``,
-        then ``tail`` (LIMIT/OFFSET), as columns ``data`` and ``n``."""
-        ordered = ", ".join(f'"{o}"' for o in order)
+        """The JSON array of the rows matching ``conditions``, in ``order``, then ``tail``
+        (LIMIT/OFFSET), as column ``data``; their count as ``n``; and the last row's
+        ``order`` values as a JSON array, ``last``."""
+        ordered = ", ".join(f't."{o}"' for o in order)
+        descending = ", ".join(f't."{o}" DESC' for o in order)
+        stored_order = ", ".join(f'"{o}"' for o in order)
         return (
-            f"SELECT coalesce(json_agg(r ORDER BY {ordered}), '[]')::text AS data, count(*) AS n "
-            f'FROM (SELECT {self.select} FROM "{self.table}" '
-            f"WHERE {' AND '.join(conditions) or 'true'} ORDER BY {ordered} {tail}) r"
+            f"SELECT coalesce(json_agg(r ORDER BY {ordered}), '[]')::text AS data, "
+            f"count(*) AS n, (array_agg(json_build_array({ordered}) ORDER BY {descending}))[1]"
+            f'::text AS last FROM (SELECT {self.columns} FROM "{self.table}" '
+            f"WHERE {' AND '.join(conditions) or 'true'} ORDER BY {stored_order} {tail}) t "
+            f"{self.render}"
         )
 
     def page(self, total: str, conditions: list[str], order: list[str], tail: str) -> str:
         """:meth:`rows` with the total the query ``total`` gives, in one statement."""
-        return f"SELECT ({total}), p.data, p.n, true FROM ({self.rows(conditions, order, tail)}) p"
+        return (
+            f"SELECT ({total}), p.data, p.n, p.last, true "
+            f"FROM ({self.rows(conditions, order, tail)}) p"
+        )
 
     def count(self, conditions: list[str]) -> str:
         return f'SELECT count(*) FROM "{self.table}" WHERE {" AND ".join(conditions) or "true"}'
@@ -152,15 +164,14 @@ async def json_page(
         if unfiltered:
             first, last = (page - 1) * limit, page * limit
             row = await conn.fetchrow(queries.by_position, resource.name, first, last)
-        if row is None or not row[3]:  # positions not exact (an ingest is settling them)
+        if row is None or not row[4]:  # positions not exact (an ingest is settling them)
             tail = f"LIMIT {arg(limit)} OFFSET {arg((page - 1) * limit)}"
             row = await conn.fetchrow(queries.page(total, conditions, order, tail), *args)
-    total_count, data, count, _ = row
+    total_count, data, count, last, _ = row
 
     next_link = None
     if count == limit:
-        last_record = orjson.loads(data)[-1]
-        cursor = _encode_cursor([last_record[o] for o in order])
+        cursor = _encode_cursor(orjson.loads(last))
         query_params = dict(request.query_params) | {"limit": limit, "after": cursor}
         query_params.pop("page", None)
         next_link = f"{request.url.path}?{urlencode(query_params)}"
