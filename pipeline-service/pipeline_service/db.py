@@ -55,6 +55,15 @@ class DatabaseBusy(Exception):
     """No pooled connection came free in time."""
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Returns a read connection to its pool as it is.
+
+    The reads set no session state, take no locks and listen to nothing, so asyncpg's
+    default reset (RESET ALL, UNLISTEN, CLOSE, advisory unlock) would be a wasted round
+    trip per request. asyncpg still rolls back a transaction left open.
+    """
+
+
 class ReadPools:
     """asyncpg connection pools for the read endpoints that serve stored pages and records.
 
@@ -78,6 +87,7 @@ class ReadPools:
             max_size=self.max_size,
             timeout=5,
             server_settings={"timezone": "UTC", "application_name": "pipeline-service"},
+            reset=_keep_session,
         )
 
     async def close(self) -> None:
