@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 from pydantic import ValidationError
 from sqlalchemy import (
@@ -48,7 +49,7 @@ from pipeline_service.config import Settings
 from pipeline_service.models import IngestRun, IngestRunResource, RejectedRecord
 from pipeline_service.resources import RESOURCES, Resource
 from pipeline_service.schemas import describe_errors
-from pipeline_service.source import SourceClient, SourceError, SourcePage
+from pipeline_service.source import SourceClient, SourceError, SourcePage, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,33 @@ class Rejection:
 class ValidatedPage:
     valid: list[dict[str, Any]] = field(default_factory=list)
     """The valid source records, unique on key (the later record wins)."""
+    bytes_digests: list[str | None] = field(default_factory=list)
+    """The :func:`bytes_digests` of each valid record."""
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def validate_page(resource: Resource, raw_records: Sequence[Any]) -> ValidatedPage:
+def bytes_digests(fetched: SourcePage) -> list[str | None]:
+    """The md5 of each fetched record's JSON exactly as the source wrote it, by which a
+    record stored before is recognised without parsing it (:class:`RawPage`); None for
+    each record of a page that did not split into records' bytes."""
+    if fetched.raws is None:
+        return [None] * len(fetched.records)
+    return [hashlib.md5(raw).hexdigest() for raw in fetched.raws]
+
+
+def validate_page(
+    resource: Resource,
+    raw_records: Sequence[Any],
+    digests: Sequence[str | None] | None = None,
+) -> ValidatedPage:
     """Validate each raw record on its own: valid ones (deduplicated on key, the later
-    record winning) and rejections with their reasons, in input order."""
+    record winning) with their ``digests`` of bytes (if known), and rejections with their
+    reasons, in input order."""
+    if digests is None:
+        digests = [None] * len(raw_records)
     result = ValidatedPage()
-    by_key: dict[tuple, dict[str, Any]] = {}
-    for raw in raw_records:
+    by_key: dict[tuple, tuple[dict[str, Any], str | None]] = {}
+    for raw, digest in zip(raw_records, digests, strict=True):
         try:
             record = resource.record.model_validate(raw)
         except ValidationError as exc:
@@ -126,18 +145,22 @@ def validate_page(resource: Resource, raw_records: Sequence[Any]) -> ValidatedPa
             continue
         key = resource.key_of(record)
         by_key.pop(key, None)  # re-inserting keeps dict order = position of the later record
-        by_key[key] = raw
-    result.valid = list(by_key.values())
+        by_key[key] = (raw, digest)
+    result.valid = [raw for raw, _ in by_key.values()]
+    result.bytes_digests = [digest for _, digest in by_key.values()]
     return result
 
 
 def check_page(resource: Resource, fetched: SourcePage) -> ValidatedPage:
     """:func:`validate_page` for a fetched page, taking the one-pass fast path when the
     whole page is valid (the common case) and the per-record path otherwise."""
+    digests = bytes_digests(fetched)
     if fetched.body is None or not resource.page_validator.all_valid(fetched.body):
-        return validate_page(resource, fetched.records)
+        return validate_page(resource, fetched.records, digests)
     key_of = itemgetter(*resource.key)
-    return ValidatedPage(valid=list({key_of(raw): raw for raw in fetched.records}.values()))
+    last = sorted({key_of(raw): i for i, raw in enumerate(fetched.records)}.values())
+    records = fetched.records
+    return ValidatedPage([records[i] for i in last], [digests[i] for i in last])
 
 
 def _raw_key(resource: Resource, raw: Any) -> str | None:
@@ -155,8 +178,9 @@ class Prepared(NamedTuple):
     key: tuple
     """As PostgreSQL compares keys (timestamps as UTC instants)."""
     line: bytes
-    """Its CSV line: the fields, then the digest."""
+    """Its CSV line: the fields, then the digest (and the bytes digest, where kept)."""
     digest: str
+    """The md5 of its fields as rendered: equal digests, equal stored rows."""
     raw: dict[str, Any] | None
     """The source record, kept only where a missing parent row may still reject it."""
 
@@ -200,9 +224,11 @@ class PageWriter:
         self.resource_name = resource.name
         self.fields = resource.fields
         self.stage = f"stage_{target}"
-        columns = ", ".join(f'"{f}"' for f in (*self.fields, "source_hash"))
+        self.keeps_bytes_digest = "source_bytes_hash" in resource.table.c
+        digests = ("source_hash", "source_bytes_hash")[: 1 + self.keeps_bytes_digest]
+        columns = ", ".join(f'"{f}"' for f in (*self.fields, *digests))
         changing = [f for f in self.fields if f not in resource.key]
-        updates = ", ".join(f'"{f}" = excluded."{f}"' for f in (*changing, "source_hash"))
+        updates = ", ".join(f'"{f}" = excluded."{f}"' for f in (*changing, *digests))
         # ord: the record's place in the page, so that PostgreSQL (which knows when two
         # timestamps written differently are the same instant) keeps the later duplicate.
         self.create_stage = text(
@@ -242,7 +268,7 @@ class PageWriter:
             (k,) = resource.key
             self.append_sql = f'COPY "{target}" ({columns}, position) FROM STDIN {csv}'
             self.read_tail = text(f'SELECT max("{k}"), coalesce(max(position), 0) FROM "{target}"')
-            staged = ", ".join(f's."{f}"' for f in (*self.fields, "source_hash"))
+            staged = ", ".join(f's."{f}"' for f in (*self.fields, *digests))
             self.upsert = text(
                 f"""
                 WITH fresh AS (
@@ -292,8 +318,9 @@ class PageWriter:
         if len(resource.key) == 1:
             k = resource.key[0]
             # Run on the DBAPI cursor: a thousand SQLAlchemy rows cost more than the scan.
+            hexes = ", ".join(f"encode(uuid_send({d}), 'hex')" for d in digests)
             self.read_digests = (
-                f'SELECT "{k}", encode(uuid_send(source_hash), \'hex\') FROM "{target}" '
+                f'SELECT "{k}", {hexes} FROM "{target}" '
                 f'WHERE "{k}" BETWEEN %(low)s AND %(high)s ORDER BY "{k}" LIMIT %(most)s'
             )
         else:
@@ -311,8 +338,10 @@ class PageWriter:
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
-    def csv_row(self, record: dict[str, Any]) -> tuple[bytes, str]:
-        """One record as a CSV line (its fields, then the md5 of those fields) and that md5.
+    def csv_row(self, record: dict[str, Any], bytes_digest: str | None) -> tuple[bytes, str]:
+        """One record as a CSV line and its digest: the md5 of the record's fields as
+        rendered. The line holds the fields, that digest and, where the table keeps it,
+        ``bytes_digest``.
 
         Any JSON object gives a line; only valid records' lines are ever written.
         """
@@ -323,10 +352,11 @@ class PageWriter:
         row = _dumps(values)[1:-1]
         if b"\\" in row:  # JSON escapes other than \" and \\ mean nothing to CSV
             row = b",".join(_csv_value(v) for v in values)
-        digest = hashlib.md5(row).hexdigest()
-        return row + b',"' + digest.encode() + b'"', digest
+        return self._line(row, bytes_digest)
 
-    def csv_rows(self, records: Sequence[Any]) -> list[tuple[bytes, str] | None]:
+    def csv_rows(
+        self, records: Sequence[Any], bytes_digests: Sequence[str | None]
+    ) -> list[tuple[bytes, str] | None]:
         """:meth:`csv_row` of each record, None where a record is not a JSON object. The
         whole page is rendered in one call when it can be, giving the very same lines."""
         try:
@@ -337,12 +367,27 @@ class PageWriter:
             rows = dumped[2:-2].split(b"],[")
             # Splitting is exact when "],[" occurs only between records, never in a value.
             if len(rows) == len(records):
-                lines = []
-                for row in rows:
-                    digest = hashlib.md5(row).hexdigest()
-                    lines.append((row + b',"' + digest.encode() + b'"', digest))
-                return lines
-        return [self.csv_row(r) if isinstance(r, dict) else None for r in records]
+                return list(map(self._line, rows, bytes_digests))
+        return [
+            self.csv_row(r, digest) if isinstance(r, dict) else None
+            for r, digest in zip(records, bytes_digests, strict=True)
+        ]
+
+    def _line(self, row: bytes, bytes_digest: str | None) -> tuple[bytes, str]:
+        digest = hashlib.md5(row).hexdigest()
+        line = row + b',"' + digest.encode() + b'"'
+        if self.keeps_bytes_digest:
+            line += b',"' + bytes_digest.encode() + b'"' if bytes_digest else b",null"
+        return line, digest
+
+    def stored_digests(self, conn: Connection, keys: Sequence[str]) -> dict[str, tuple]:
+        """The digest and the bytes digest, by key, of stored rows, among them those of
+        ``keys`` (for a one-column key)."""
+        bounds = {"low": min(keys), "high": max(keys), "most": 2 * len(keys)}
+        # Python compares strings as the keys' "C" collation does: by code points.
+        with closing(conn.connection.dbapi_connection.cursor()) as cursor:
+            cursor.execute(self.read_digests, bounds)
+            return {key: digests for key, *digests in cursor.fetchall()}
 
     def changed(self, conn: Connection, page: "PreparedPage") -> list[Prepared]:
         """The records of ``page`` that are not stored exactly as they are (those that are
@@ -351,16 +396,11 @@ class PageWriter:
         if not candidates:
             return page.records
         if self._by_key:
-            keys = [key for (key,) in candidates]
-            bounds = {"low": min(keys), "high": max(keys), "most": 2 * len(keys)}
-            # Python compares strings as the keys' "C" collation does: by code points.
-            with closing(conn.connection.dbapi_connection.cursor()) as cursor:
-                cursor.execute(self.read_digests, bounds)
-                stored = dict(cursor.fetchall())
+            stored = self.stored_digests(conn, [key for (key,) in candidates])
             return [
                 r
                 for r in page.records
-                if r.key not in candidates or stored.get(r.key[0]) != r.digest
+                if r.key not in candidates or stored.get(r.key[0], (None,))[0] != r.digest
             ]
         # An array literal: much cheaper to send than a thousand parameters.
         digests = "{" + ",".join(candidates.values()) + "}"
@@ -370,6 +410,20 @@ class PageWriter:
         numbers = set(found)  # 1-based, in the order of candidates
         stale = {digest for i, digest in enumerate(candidates.values(), 1) if i in numbers}
         return [r for r in page.records if r.key not in candidates or r.digest in stale]
+
+    def changed_raw(self, conn: Connection, page: "RawPage") -> list[int]:
+        """The places in ``page`` of the records whose bytes are not the stored ones: a
+        row stored from these very bytes (which were valid) needs nothing. A key that
+        occurs twice is always among them, so that the later record wins."""
+        stored = self.stored_digests(conn, page.keys) if page.keys else {}
+        seen: dict[str, int] = {}
+        for key in page.keys:
+            seen[key] = seen.get(key, 0) + 1
+        return [
+            i
+            for i, (key, digest) in enumerate(zip(page.keys, page.bytes_digests, strict=True))
+            if seen[key] > 1 or stored.get(key, (None, None))[1] != digest
+        ]
 
     def tail(self, conn: Connection) -> Tail | None:
         """Where records can be appended; None for a collection without positions."""
@@ -569,18 +623,49 @@ def _page_from_columns(
     return PreparedPage(total, fetched, records, rejected)
 
 
+@dataclass
+class RawPage:
+    """A fetched page left as the source wrote it: each record's key, bytes digest and
+    JSON. When most records are stored already, only those whose bytes differ need parsing,
+    validating and rendering (:meth:`PageWriter.changed_raw`, :func:`prepare_raw`)."""
+
+    total: int
+    keys: list[str]
+    bytes_digests: list[str]
+    raws: list[bytes]
+
+    @property
+    def fetched(self) -> int:
+        return len(self.raws)
+
+
 def prepare_page(resource: Resource, writer: "PageWriter", fetched: SourcePage) -> PreparedPage:
     """Validate one fetched page and render its valid records."""
     checked = check_page(resource, fetched)
-    records = prepare_records(resource, writer, checked.valid)
+    records = prepare_records(resource, writer, checked.valid, checked.bytes_digests)
     return PreparedPage(fetched.total, len(fetched.records), records, checked.rejected)
 
 
+def prepare_raw(
+    resource: Resource, writer: "PageWriter", page: RawPage, places: Sequence[int]
+) -> PreparedPage:
+    """The records of ``page`` at ``places``, validated and rendered as :func:`prepare_page`
+    does (one by one: they are usually few)."""
+    records = [parse_json(page.raws[i]) for i in places]
+    checked = validate_page(resource, records, [page.bytes_digests[i] for i in places])
+    prepared = prepare_records(resource, writer, checked.valid, checked.bytes_digests)
+    return PreparedPage(page.total, page.fetched, prepared, checked.rejected)
+
+
 def prepare_records(
-    resource: Resource, writer: "PageWriter", valid: Sequence[dict[str, Any]]
+    resource: Resource,
+    writer: "PageWriter",
+    valid: Sequence[dict[str, Any]],
+    bytes_digests: Sequence[str | None] | None = None,
 ) -> list[Prepared]:
-    """Valid source records made ready for :meth:`PageWriter.write` or ``append``."""
-    lines = writer.csv_rows(valid)
+    """Valid source records made ready for :meth:`PageWriter.write` or ``append``, with
+    the digests of their bytes where known."""
+    lines = writer.csv_rows(valid, bytes_digests or [None] * len(valid))
     keep_raw = resource.parent is not None
     return [
         Prepared(resource.canonical_key(raw), line, digest, raw if keep_raw else None)
@@ -595,10 +680,37 @@ class PageMaker:
         self.client = SourceClient(settings)
         self.page_size = settings.ingest_page_size
         self.writers = {name: PageWriter(resource) for name, resource in RESOURCES.items()}
+        # Where the key is one column: a decoder of each record's key alone, as a string.
+        self.key_readers = {
+            name: msgspec.json.Decoder(
+                msgspec.defstruct("Keys", [("data", list[msgspec.defstruct("Key", [(k, str)])])])
+            )
+            for name, resource in RESOURCES.items()
+            if len(resource.key) == 1
+            for k in resource.key
+        }
 
-    def __call__(self, resource_name: str, page_no: int) -> PreparedPage:
+    def __call__(
+        self, resource_name: str, page_no: int, raw: bool = False
+    ) -> PreparedPage | RawPage:
+        """Page ``page_no`` prepared; with ``raw``, as a :class:`RawPage` where the
+        resource's key is one column and every record's key is a string."""
         resource = RESOURCES[resource_name]
-        fetched = self.client.get_page(resource.source_path, page_no, self.page_size)
+        raw = raw and resource_name in self.key_readers
+        fetched = self.client.get_page(resource.source_path, page_no, self.page_size, parse=not raw)
+        if fetched.records is None:
+            try:
+                keyed = self.key_readers[resource_name].decode(fetched.body)
+            except msgspec.DecodeError:  # a record without a string key: parse it all
+                fetched.records = parse_json(fetched.body)["data"]
+            else:
+                (k,) = resource.key
+                return RawPage(
+                    fetched.total,
+                    [getattr(record, k) for record in keyed.data],
+                    bytes_digests(fetched),
+                    [bytes(r) for r in fetched.raws],
+                )
         return prepare_page(resource, self.writers[resource_name], fetched)
 
     def close(self) -> None:
@@ -641,12 +753,26 @@ def _exit_with_owner(owner_pid: int) -> None:
             os._exit(0)
 
 
-def _prepare_in_worker(resource_name: str, page_no: int) -> PreparedPage:
+def _prepare_in_worker(resource_name: str, page_no: int, raw: bool) -> PreparedPage | RawPage:
     assert _worker_maker is not None, "worker started without _start_worker"
-    return _worker_maker(resource_name, page_no)
+    return _worker_maker(resource_name, page_no, raw)
 
 
 # --- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class PageMode:
+    """How pages are asked for: as :class:`RawPage` while the records of those turn out
+    stored as they are (a re-ingest), else prepared in full by the workers."""
+
+    raw: bool
+
+    def observe(self, records: int, unrecognised: int) -> None:
+        """Learn from a raw page of ``records`` of which ``unrecognised`` had other bytes
+        than the stored ones. The writer prepares those alone, which pays only while they
+        are few; once they are not, the rest of the pages come prepared in full."""
+        self.raw = self.raw and unrecognised * 4 <= records
 
 
 @dataclass
@@ -813,12 +939,21 @@ class Ingest:
             key = resource.key_columns[0]
             look_up = conn.execute(select(key).limit(1)).first() is not None
             tail = writer.tail(conn)
-        for page_no, page in self._pages(resource, start_page):
+        mode = PageMode(raw=look_up)
+        for page_no, page in self._pages(resource, start_page, mode):
             with self.engine.begin() as conn:
+                # Records found stored as they are: by their bytes (a raw page), then by
+                # their fields (bytes that differ may still hold the stored fields).
+                skipped = 0
+                if isinstance(page, RawPage):
+                    places = writer.changed_raw(conn, page)
+                    mode.observe(page.fetched, len(places))
+                    skipped = page.fetched - len(places)
+                    page = prepare_raw(resource, writer, page, places)
                 records = page.records
-                if look_up and not writer.sorts_after(records, tail):
+                if look_up and records and not writer.sorts_after(records, tail):
                     records = writer.changed(conn, page)
-                skipped = len(page.records) - len(records)
+                skipped += len(page.records) - len(records)
                 valid, orphans = split_orphans(conn, resource, records)
                 rejected = page.rejected + orphans
                 appended = writer.append(conn, valid, tail)
@@ -856,26 +991,30 @@ class Ingest:
                 .values(done=True)
             )
 
-    def _pages(self, resource: Resource, start_page: int) -> Iterator[tuple[int, PreparedPage]]:
-        """Pages from ``start_page`` on, in order, fetched and prepared. The first page tells
-        how many follow; those are fetched and prepared ahead while the caller writes: in
-        worker processes when there are enough of them to repay starting the processes,
-        else in threads. At most a few pages are in memory at once."""
+    def _pages(
+        self, resource: Resource, start_page: int, mode: "PageMode"
+    ) -> Iterator[tuple[int, PreparedPage | RawPage]]:
+        """Pages from ``start_page`` on, in order, fetched and prepared (as ``mode`` says
+        when each is asked for). The first page tells how many follow; those are fetched
+        and prepared ahead while the caller writes: in worker processes when there are
+        enough of them to repay starting the processes, else in threads. At most a few
+        pages are in memory at once."""
         maker = PageMaker(self.settings)
         try:
-            first = maker(resource.name, start_page)
+            first = maker(resource.name, start_page, mode.raw)
             yield start_page, first
             last_page = math.ceil(first.total / self.page_size)
             if not first.fetched or start_page >= last_page:
                 log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
                 return
-            yield from self._pages_ahead(maker, resource, range(start_page + 1, last_page + 1))
+            pages = range(start_page + 1, last_page + 1)
+            yield from self._pages_ahead(maker, resource, pages, mode)
         finally:
             maker.close()
 
     def _pages_ahead(
-        self, maker: PageMaker, resource: Resource, page_numbers: range
-    ) -> Iterator[tuple[int, PreparedPage]]:
+        self, maker: PageMaker, resource: Resource, page_numbers: range, mode: "PageMode"
+    ) -> Iterator[tuple[int, PreparedPage | RawPage]]:
         pool: Executor
         if self.workers and len(page_numbers) >= PROCESS_POOL_MIN_PAGES:
             pool = ProcessPoolExecutor(
@@ -893,7 +1032,7 @@ class Ingest:
         def schedule() -> None:
             page_no = next(upcoming, None)
             if page_no is not None:
-                window.append((page_no, pool.submit(prepare, resource.name, page_no)))
+                window.append((page_no, pool.submit(prepare, resource.name, page_no, mode.raw)))
 
         try:
             for _ in range(ahead):

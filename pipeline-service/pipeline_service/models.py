@@ -61,7 +61,14 @@ class _Bookkeeping:
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class Customer(_Bookkeeping, Base):
+class _BytesDigest:
+    """A hash of the source record's JSON exactly as the source wrote it: a re-ingest skips
+    a record whose bytes it has stored without parsing or validating it again."""
+
+    source_bytes_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+
+
+class Customer(_Bookkeeping, _BytesDigest, Base):
     __tablename__ = "customers"
 
     customer_id: Mapped[str] = mapped_column(KEY, primary_key=True)
@@ -77,7 +84,7 @@ class Customer(_Bookkeeping, Base):
     """1-based rank in key order, kept by the ingest so that page P is a range seek."""
 
 
-class Machine(_Bookkeeping, Base):
+class Machine(_Bookkeeping, _BytesDigest, Base):
     __tablename__ = "machines"
     __table_args__ = (CheckConstraint(_STATUS_CHECK, name="status"),)
 

@@ -9,6 +9,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import msgspec
 import orjson
 import urllib3
 from tenacity import (
@@ -52,10 +53,22 @@ class TransientSourceError(SourceError):
 
 @dataclass
 class SourcePage:
-    records: list[Any]
+    records: list[Any] | None
+    """The records, parsed; None when only ``raws`` were asked for."""
     total: int
     body: bytes | None = None
     """The answer as received, for validating the whole page in one pass."""
+    raws: list[msgspec.Raw] | None = None
+    """Each record's JSON exactly as the source wrote it; None for a page that only the
+    lenient parser reads (e.g. an integer beyond 64 bits, or NaN)."""
+
+
+class _Envelope(msgspec.Struct):
+    data: list[msgspec.Raw]
+    total: int
+
+
+_split = msgspec.json.Decoder(_Envelope).decode
 
 
 class SourceClient:
@@ -92,16 +105,26 @@ class SourceClient:
     def close(self) -> None:
         self.pool.clear()
 
-    def get_page(self, path: str, page: int, limit: int) -> SourcePage:
-        """One page of a collection; raises :class:`SourceError` when it cannot be had."""
+    def get_page(self, path: str, page: int, limit: int, parse: bool = True) -> SourcePage:
+        """One page of a collection; raises :class:`SourceError` when it cannot be had.
+
+        Without ``parse`` the records are left unparsed (``records`` is None) where the
+        page splits into ``raws``, and parsed as usual otherwise.
+        """
         url = f"{self.base_url}{path}"
         params = {"page": page, "limit": limit}
-        body, payload = self._retrying.copy()(self._get_json, url, params)
+        body, payload, split = self._retrying.copy()(self._get_json, url, params, parse)
+        if payload is None:
+            return SourcePage(records=None, total=split.total, body=body, raws=split.data)
         fetched = _parse_page(f"{url}?page={page}&limit={limit}", payload)
         fetched.body = body
+        if split is not None and len(split.data) == len(fetched.records):
+            fetched.raws = split.data
         return fetched
 
-    def _get_json(self, url: str, params: dict[str, int]) -> Any:
+    def _get_json(
+        self, url: str, params: dict[str, int], parse: bool
+    ) -> tuple[bytes, Any, _Envelope | None]:
         shown = f"{url}?page={params['page']}&limit={params['limit']}"
         try:
             response = self.pool.request("GET", url, fields=params)
@@ -120,7 +143,13 @@ class SourceClient:
         if response.status != 200:
             raise SourceError(shown, f"answered HTTP {response.status}: {body[:200]!r}")
         try:
-            return body, _loads(body)
+            split = _split(body)
+        except msgspec.DecodeError:  # not strict JSON, or not a page: the parser will say
+            split = None
+        if split is not None and split.total >= 0 and not parse:
+            return body, None, split
+        try:
+            return body, parse_json(body), split
         except ValueError as exc:
             raise TransientSourceError(shown, f"answered with invalid JSON ({exc})") from exc
 
@@ -145,7 +174,8 @@ class SourceClient:
         )
 
 
-def _loads(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
+    """Any valid JSON document, even one with integers beyond 64 bits."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -142,8 +142,8 @@ def free_port_url() -> str:
 
 
 def test_json_extensions_and_huge_integers_stay_text_for_validation_to_reject():
-    from pipeline_service.source import _loads
+    from pipeline_service.source import parse_json
 
     body = b'{"data": [{"a": NaN, "b": -Infinity, "c": ' + b"7" * 5000 + b', "d": 1}]}'
-    (record,) = _loads(body)["data"]
+    (record,) = parse_json(body)["data"]
     assert record == {"a": "NaN", "b": "-Infinity", "c": "7" * 5000, "d": 1}
