@@ -16,6 +16,7 @@ temporary table and one ``INSERT ... ON CONFLICT``.
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -24,8 +25,8 @@ import multiprocessing.forkserver
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -318,11 +319,11 @@ class PageWriter:
         if len(resource.key) == 1:
             k = resource.key[0]
             # Run on the DBAPI cursor: a thousand SQLAlchemy rows cost more than the scan.
-            hexes = ", ".join(f"encode(uuid_send({d}), 'hex')" for d in digests)
-            self.read_digests = (
-                f'SELECT "{k}", {hexes} FROM "{target}" '
+            self.read_digests = {
+                digest: f'SELECT "{k}", encode(uuid_send({digest}), \'hex\') FROM "{target}" '
                 f'WHERE "{k}" BETWEEN %(low)s AND %(high)s ORDER BY "{k}" LIMIT %(most)s'
-            )
+                for digest in digests
+            }
         else:
             self.find_changed = text(
                 f"""
@@ -380,14 +381,16 @@ class PageWriter:
             line += b',"' + bytes_digest.encode() + b'"' if bytes_digest else b",null"
         return line, digest
 
-    def stored_digests(self, conn: Connection, keys: Sequence[str]) -> dict[str, tuple]:
-        """The digest and the bytes digest, by key, of stored rows, among them those of
-        ``keys`` (for a one-column key)."""
+    def stored_digests(
+        self, conn: Connection, keys: Sequence[str], column: str = "source_hash"
+    ) -> dict[str, str | None]:
+        """The digests in ``column``, by key, of stored rows, among them those of ``keys``
+        (for a one-column key)."""
         bounds = {"low": min(keys), "high": max(keys), "most": 2 * len(keys)}
         # Python compares strings as the keys' "C" collation does: by code points.
         with closing(conn.connection.dbapi_connection.cursor()) as cursor:
-            cursor.execute(self.read_digests, bounds)
-            return {key: digests for key, *digests in cursor.fetchall()}
+            cursor.execute(self.read_digests[column], bounds)
+            return dict(cursor.fetchall())
 
     def changed(self, conn: Connection, page: "PreparedPage") -> list[Prepared]:
         """The records of ``page`` that are not stored exactly as they are (those that are
@@ -400,7 +403,7 @@ class PageWriter:
             return [
                 r
                 for r in page.records
-                if r.key not in candidates or stored.get(r.key[0], (None,))[0] != r.digest
+                if r.key not in candidates or stored.get(r.key[0]) != r.digest
             ]
         # An array literal: much cheaper to send than a thousand parameters.
         digests = "{" + ",".join(candidates.values()) + "}"
@@ -415,14 +418,17 @@ class PageWriter:
         """The places in ``page`` of the records whose bytes are not the stored ones: a
         row stored from these very bytes (which were valid) needs nothing. A key that
         occurs twice is always among them, so that the later record wins."""
-        stored = self.stored_digests(conn, page.keys) if page.keys else {}
-        seen: dict[str, int] = {}
-        for key in page.keys:
-            seen[key] = seen.get(key, 0) + 1
+        keys = page.keys
+        if not keys:
+            return []
+        stored = self.stored_digests(conn, keys, "source_bytes_hash").get
+        twice: Collection[str] = ()
+        if len(set(keys)) < len(keys):
+            twice = {key for key, n in Counter(keys).items() if n > 1}
         return [
             i
-            for i, (key, digest) in enumerate(zip(page.keys, page.bytes_digests, strict=True))
-            if seen[key] > 1 or stored.get(key, (None, None))[1] != digest
+            for i, key, digest in zip(itertools.count(), keys, page.bytes_digests, strict=False)
+            if stored(key) != digest or key in twice
         ]
 
     def tail(self, conn: Connection) -> Tail | None:
@@ -666,10 +672,11 @@ def prepare_records(
     """Valid source records made ready for :meth:`PageWriter.write` or ``append``, with
     the digests of their bytes where known."""
     lines = writer.csv_rows(valid, bytes_digests or [None] * len(valid))
-    keep_raw = resource.parent is not None
+    raws = valid if resource.parent is not None else itertools.repeat(None)
+    keys = resource.canonical_keys(valid)
     return [
-        Prepared(resource.canonical_key(raw), line, digest, raw if keep_raw else None)
-        for raw, (line, digest) in zip(valid, lines, strict=True)
+        Prepared(key, line, digest, raw)
+        for key, (line, digest), raw in zip(keys, lines, raws, strict=False)
     ]
 
 

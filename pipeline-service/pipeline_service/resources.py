@@ -3,6 +3,7 @@
 Adding a resource means adding an entry here, a model, a schema and a migration.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -69,6 +70,14 @@ class Resource:
                 value = datetime.fromisoformat(value).astimezone(UTC)
             values.append(value)
         return tuple(values)
+
+    def canonical_keys(self, valid: Sequence[dict]) -> list[tuple]:
+        """:meth:`canonical_key` of each of ``valid`` records (whose keys are known to be
+        readable), at a fraction of the cost where the key is one text column."""
+        if len(self.key) == 1 and not self._key_kinds[0][1]:
+            (name,) = self.key
+            return [(raw[name],) for raw in valid]
+        return [self.canonical_key(raw) for raw in valid]
 
     @cached_property
     def _key_kinds(self) -> tuple[tuple[str, bool], ...]:

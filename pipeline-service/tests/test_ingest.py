@@ -1,11 +1,15 @@
 """The ingest against the real mock server over HTTP and a real PostgreSQL."""
 
+import hashlib
+import json
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from pipeline_service import ingest
 from pipeline_service.ingest import INGEST_LOCK_ID, storable_json
 
 from conftest import (
@@ -16,6 +20,7 @@ from conftest import (
     machine,
     reading,
     wait_until,
+    write_source_files,
 )
 
 KEY_WIDTH = {"customers": 1, "machines": 1, "machine_readings": 2}
@@ -508,3 +513,100 @@ def processes_started_in(directory) -> list[int]:
         except (FileNotFoundError, PermissionError, ProcessLookupError):
             continue
     return found
+
+
+def stored_bytes_hashes(db) -> dict[str, str]:
+    with db.cursor() as cur:
+        cur.execute("SELECT customer_id, replace(source_bytes_hash::text, '-', '') FROM customers")
+        return dict(cur.fetchall())
+
+
+def test_the_bytes_hash_is_the_md5_of_the_record_as_served(serve_source, make_client, db):
+    source = serve_source(customers=[customer(n) for n in range(1, 4)])
+    make_client(source.url).post("/api/ingest?resource=customers")
+    for key, stored in stored_bytes_hashes(db).items():
+        served = urllib.request.urlopen(f"{source.url}/api/customers/{key}").read()
+        assert stored == hashlib.md5(served).hexdigest()
+
+
+def test_a_reingest_parses_only_records_whose_bytes_changed(
+    serve_source, make_client, db, monkeypatch
+):
+    records = [customer(n) for n in range(1, 41)]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
+    client.post("/api/ingest?resource=customers")
+    versions = row_versions(db, "customers")
+
+    parsed: list[int] = []
+    real_prepare_raw = ingest.prepare_raw
+
+    def counting_prepare_raw(resource, writer, page, places):
+        parsed.append(len(places))
+        return real_prepare_raw(resource, writer, page, places)
+
+    monkeypatch.setattr(ingest, "prepare_raw", counting_prepare_raw)
+    second = list(records)
+    second[4] = customer(5, first_name="Changed")  # page 1
+    second[12] = customer(13, date_of_birth="1990-02-30")  # page 2: now invalid
+    second[25] = customer(99)  # page 3: a new key
+    second[37] = customer(40, first_name="Earlier")  # page 4: the same key twice,
+    # the later (as stored) wins
+    client.app.state.settings.mock_server_url = serve_source(customers=second).url
+    body = client.post("/api/ingest?resource=customers").json()
+
+    counts = body["resources"]["customers"]
+    assert parsed == [1, 1, 1, 2]  # every page came raw; only these records were parsed
+    assert (counts["inserted"], counts["updated"], counts["rejected"]) == (1, 1, 1)
+    assert counts["unchanged"] == 36
+    changed = {k for k, v in row_versions(db, "customers").items() if versions.get(k) != v}
+    assert changed == {("C00005",), ("C00099",)}
+    assert client.get("/api/customers/C00005").json()["first_name"] == "Changed"
+    assert client.get("/api/customers/C00040").json()["first_name"] == "First40"
+    assert client.get("/api/customers/C00013").json()["date_of_birth"] == "1990-01-31"
+    with db.cursor() as cur:
+        cur.execute("SELECT record_key, reason FROM rejected_records")
+        ((key, reason),) = cur.fetchall()
+    assert key == "C00013" and "date_of_birth" in reason
+
+
+def test_reformatted_json_of_the_same_records_rewrites_nothing(
+    serve_source, make_client, db, tmp_path
+):
+    records = [customer(n) for n in range(1, 21)]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=5)
+    client.post("/api/ingest?resource=customers")
+    versions = row_versions(db, "customers")
+
+    # Other bytes, same records: keys in another order, other spacing.
+    reformatted = write_source_files(tmp_path / "reformatted")
+    text = json.dumps([dict(reversed(r.items())) for r in records], indent=3)
+    (reformatted / "customers.json").write_text(text)
+    client.app.state.settings.mock_server_url = serve_source(data_dir=reformatted).url
+    for _ in range(2):
+        counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+        assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (0, 0, 20)
+    assert row_versions(db, "customers") == versions
+
+
+def test_a_key_that_is_not_a_string_is_rejected_on_a_reingest(serve_source, make_client, db):
+    records = [customer(n) for n in range(1, 9)]
+    client = make_client(serve_source(customers=records).url)
+    client.post("/api/ingest?resource=customers")
+    second = [*records, customer(9, customer_id=12345)]
+    client.app.state.settings.mock_server_url = serve_source(customers=second).url
+    body = client.post("/api/ingest?resource=customers").json()
+    counts = body["resources"]["customers"]
+    assert (counts["unchanged"], counts["rejected"]) == (8, 1)
+    assert count(db, "customers") == 8
+
+
+def test_a_source_that_changed_throughout_is_reingested_exactly(serve_source, make_client, db):
+    records = [customer(n) for n in range(1, 61)]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
+    client.post("/api/ingest?resource=customers")
+    changed = [customer(n, last_name=f"Moved{n}") for n in range(1, 61)]
+    client.app.state.settings.mock_server_url = serve_source(customers=changed).url
+    counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+    assert (counts["updated"], counts["unchanged"]) == (60, 0)
+    served = client.get("/api/customers?limit=100").json()["data"]
+    assert [c["last_name"] for c in served] == [f"Moved{n}" for n in range(1, 61)]
