@@ -11,7 +11,9 @@ Guarantees:
 How: worker processes fetch, validate and render pages ahead (:class:`PageMaker`) while
 this process writes them in order (:class:`PageWriter`): a page of new keys that all sort
 after the stored ones with one COPY into the table, any other page with COPY into a
-temporary table and one ``INSERT ... ON CONFLICT``.
+temporary table and one ``INSERT ... ON CONFLICT``. On a re-ingest the workers send pages
+unparsed instead (:class:`RawPage`), and only the records whose bytes are not the stored
+ones are parsed, validated and rendered here.
 """
 
 import hashlib
@@ -30,6 +32,7 @@ from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -170,7 +173,8 @@ def _raw_key(resource: Resource, raw: Any) -> str | None:
     parts = [raw.get(name) for name in resource.key]
     if any(p is None or isinstance(p, dict | list) for p in parts):
         return None
-    return "/".join(str(p) for p in parts)
+    key, _ = storable_json("/".join(str(p) for p in parts))  # a NUL escaped, for one
+    return key
 
 
 class Prepared(NamedTuple):
@@ -591,6 +595,21 @@ def storable_json(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
+class Columns(NamedTuple):
+    """Records made ready to store, field by field of :class:`Prepared`: the form in which
+    they leave a worker process (a list of named tuples pickles several times slower)."""
+
+    keys: list[tuple]
+    lines: list[bytes]
+    digests: list[str]
+    raws: list[dict[str, Any]] | None
+    """Kept only where a missing parent row may still reject a record."""
+
+    def records(self) -> list[Prepared]:
+        raws = self.raws or itertools.repeat(None, len(self.keys))
+        return list(map(Prepared, self.keys, self.lines, self.digests, raws))
+
+
 @dataclass
 class PreparedPage:
     """A fetched page, validated and rendered: just what the writer needs, so that it pickles
@@ -599,9 +618,13 @@ class PreparedPage:
     total: int
     """The collection's size, as the source gave it with this page."""
     fetched: int
-    records: list[Prepared]
-    """The valid records, unique on key (the later record wins), in page order."""
+    prepared: Columns
     rejected: list[Rejection]
+
+    @cached_property
+    def records(self) -> list[Prepared]:
+        """The valid records, unique on key (the later record wins), in page order."""
+        return self.prepared.records()
 
     def candidates(self) -> dict[tuple, str]:
         """Digest by key of the records that may be found stored unchanged: not those whose
@@ -615,18 +638,8 @@ class PreparedPage:
                 seen.add(r.key)
         return found
 
-    def __reduce__(self) -> tuple:
-        # Column by column: a list of named tuples pickles several times slower.
-        records = self.records
-        columns = [list(column) for column in zip(*records, strict=True)] if records else []
-        return _page_from_columns, (self.total, self.fetched, columns, self.rejected)
-
-
-def _page_from_columns(
-    total: int, fetched: int, columns: list[list], rejected: list[Rejection]
-) -> PreparedPage:
-    records = list(map(Prepared, *columns)) if columns else []
-    return PreparedPage(total, fetched, records, rejected)
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items() if name != "records"}
 
 
 @dataclass
@@ -648,8 +661,8 @@ class RawPage:
 def prepare_page(resource: Resource, writer: "PageWriter", fetched: SourcePage) -> PreparedPage:
     """Validate one fetched page and render its valid records."""
     checked = check_page(resource, fetched)
-    records = prepare_records(resource, writer, checked.valid, checked.bytes_digests)
-    return PreparedPage(fetched.total, len(fetched.records), records, checked.rejected)
+    prepared = prepare_columns(resource, writer, checked.valid, checked.bytes_digests)
+    return PreparedPage(fetched.total, len(fetched.records), prepared, checked.rejected)
 
 
 def prepare_raw(
@@ -659,25 +672,29 @@ def prepare_raw(
     does (one by one: they are usually few)."""
     records = [parse_json(page.raws[i]) for i in places]
     checked = validate_page(resource, records, [page.bytes_digests[i] for i in places])
-    prepared = prepare_records(resource, writer, checked.valid, checked.bytes_digests)
+    prepared = prepare_columns(resource, writer, checked.valid, checked.bytes_digests)
     return PreparedPage(page.total, page.fetched, prepared, checked.rejected)
 
 
 def prepare_records(
+    resource: Resource, writer: "PageWriter", valid: Sequence[dict[str, Any]]
+) -> list[Prepared]:
+    """Valid source records made ready for :meth:`PageWriter.write` or ``append``."""
+    return prepare_columns(resource, writer, valid).records()
+
+
+def prepare_columns(
     resource: Resource,
     writer: "PageWriter",
     valid: Sequence[dict[str, Any]],
     bytes_digests: Sequence[str | None] | None = None,
-) -> list[Prepared]:
-    """Valid source records made ready for :meth:`PageWriter.write` or ``append``, with
-    the digests of their bytes where known."""
-    lines = writer.csv_rows(valid, bytes_digests or [None] * len(valid))
-    raws = valid if resource.parent is not None else itertools.repeat(None)
-    keys = resource.canonical_keys(valid)
-    return [
-        Prepared(key, line, digest, raw)
-        for key, (line, digest), raw in zip(keys, lines, raws, strict=False)
-    ]
+) -> Columns:
+    """:func:`prepare_records`, column by column, with the digests of the records' bytes
+    where known."""
+    rendered = writer.csv_rows(valid, bytes_digests or [None] * len(valid))
+    lines, digests = map(list, zip(*rendered, strict=True)) if rendered else ([], [])
+    raws = list(valid) if resource.parent is not None else None
+    return Columns(resource.canonical_keys(valid), lines, digests, raws)
 
 
 class PageMaker:
@@ -706,19 +723,24 @@ class PageMaker:
         raw = raw and resource_name in self.key_readers
         fetched = self.client.get_page(resource.source_path, page_no, self.page_size, parse=not raw)
         if fetched.records is None:
-            try:
-                keyed = self.key_readers[resource_name].decode(fetched.body)
-            except msgspec.DecodeError:  # a record without a string key: parse it all
-                fetched.records = parse_json(fetched.body)["data"]
-            else:
-                (k,) = resource.key
-                return RawPage(
-                    fetched.total,
-                    [getattr(record, k) for record in keyed.data],
-                    bytes_digests(fetched),
-                    [bytes(r) for r in fetched.raws],
-                )
+            keys = self._read_keys(resource, fetched.body)
+            if keys is not None:
+                raws = [bytes(r) for r in fetched.raws]
+                return RawPage(fetched.total, keys, bytes_digests(fetched), raws)
+            fetched.records = parse_json(fetched.body)["data"]
         return prepare_page(resource, self.writers[resource_name], fetched)
+
+    def _read_keys(self, resource: Resource, body: bytes) -> list[str] | None:
+        """The key of each record of a page, read alone; None unless every one is a string
+        that PostgreSQL can compare (no NUL)."""
+        if b"\\u0000" in body:
+            return None
+        try:
+            page = self.key_readers[resource.name].decode(body)
+        except msgspec.DecodeError:
+            return None
+        (name,) = resource.key
+        return [getattr(record, name) for record in page.data]
 
     def close(self) -> None:
         self.client.close()

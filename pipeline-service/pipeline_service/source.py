@@ -146,7 +146,7 @@ class SourceClient:
             split = _split(body)
         except msgspec.DecodeError:  # not strict JSON, or not a page: the parser will say
             split = None
-        if split is not None and split.total >= 0 and not parse:
+        if split is not None and split.total >= 0 and not parse and _is_utf8(body):
             return body, None, split
         try:
             return body, parse_json(body), split
@@ -172,6 +172,16 @@ class SourceClient:
             state.next_action.sleep if state.next_action else 0,
             state.attempt_number,
         )
+
+
+def _is_utf8(body: bytes) -> bool:
+    """Whether ``body`` is valid UTF-8: msgspec splits a page without checking the bytes
+    inside its strings, which the parser then refuses."""
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def parse_json(body: bytes) -> Any:

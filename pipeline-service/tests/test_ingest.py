@@ -588,16 +588,19 @@ def test_reformatted_json_of_the_same_records_rewrites_nothing(
     assert row_versions(db, "customers") == versions
 
 
-def test_a_key_that_is_not_a_string_is_rejected_on_a_reingest(serve_source, make_client, db):
-    records = [customer(n) for n in range(1, 9)]
+@pytest.mark.parametrize("key", [12345, None, "C\x00NUL"])
+def test_a_key_that_cannot_be_stored_is_rejected_on_every_run(serve_source, make_client, db, key):
+    records = [*(customer(n) for n in range(1, 9)), customer(9, customer_id=key)]
     client = make_client(serve_source(customers=records).url)
-    client.post("/api/ingest?resource=customers")
-    second = [*records, customer(9, customer_id=12345)]
-    client.app.state.settings.mock_server_url = serve_source(customers=second).url
-    body = client.post("/api/ingest?resource=customers").json()
-    counts = body["resources"]["customers"]
-    assert (counts["unchanged"], counts["rejected"]) == (8, 1)
+    for run in ("first", "again"):
+        counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+        assert (counts["inserted"], counts["unchanged"], counts["rejected"]) == (
+            (8, 0, 1) if run == "first" else (0, 8, 1)
+        )
     assert count(db, "customers") == 8
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM rejected_records WHERE reason LIKE 'customer_id%'")
+        assert cur.fetchone()[0] == 2
 
 
 def test_a_source_that_changed_throughout_is_reingested_exactly(serve_source, make_client, db):

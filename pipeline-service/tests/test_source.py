@@ -1,6 +1,9 @@
 """The source client: retries that are bounded and polite, against a misbehaving real server."""
 
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pipeline_service.config import Settings
@@ -83,8 +86,6 @@ def test_a_transient_failure_heals_on_retry(serve_source):
     source = serve_source(data_dir=SAMPLE_DATA_DIR)
     source.fail_with(503)
     client = SourceClient(settings_for(source.url, source_max_attempts=5))
-    import threading
-
     threading.Timer(0.3, source.heal).start()
     page = client.get_page("/api/customers", 1, 5)
     assert len(page.records) == 5 and page.total == 21
@@ -147,3 +148,38 @@ def test_json_extensions_and_huge_integers_stay_text_for_validation_to_reject():
     body = b'{"data": [{"a": NaN, "b": -Infinity, "c": ' + b"7" * 5000 + b', "d": 1}]}'
     (record,) = parse_json(body)["data"]
     assert record == {"a": "NaN", "b": "-Infinity", "c": "7" * 5000, "d": 1}
+
+
+@pytest.fixture
+def invalid_utf8_source() -> Iterator[str]:
+    """A real HTTP server on loopback whose every answer is a page holding a byte that is
+    not UTF-8 (the mock server cannot serve one: it reads its data as text)."""
+    body = b'{"data":[{"customer_id":"C\xff"}],"total":1}'
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("parse", [True, False])
+def test_a_page_that_is_not_utf8_is_broken_json_whether_parsed_or_split(invalid_utf8_source, parse):
+    client = SourceClient(
+        settings_for(invalid_utf8_source, source_max_attempts=2, source_give_up_seconds=5)
+    )
+    with pytest.raises(TransientSourceError, match="invalid JSON"):
+        client.get_page("/api/customers", 1, 10, parse=parse)
