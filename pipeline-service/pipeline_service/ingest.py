@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -343,13 +343,8 @@ class PageWriter:
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
-    def csv_row(self, record: dict[str, Any], bytes_digest: str | None) -> tuple[bytes, str]:
-        """One record as a CSV line and its digest: the md5 of the record's fields as
-        rendered. The line holds the fields, that digest and, where the table keeps it,
-        ``bytes_digest``.
-
-        Any JSON object gives a line; only valid records' lines are ever written.
-        """
+    def csv_row(self, record: dict[str, Any]) -> bytes:
+        """The fields of one valid record as a CSV row."""
         try:
             values = self._values(record)
         except KeyError:  # optional fields left out of the record
@@ -357,13 +352,11 @@ class PageWriter:
         row = _dumps(values)[1:-1]
         if b"\\" in row:  # JSON escapes other than \" and \\ mean nothing to CSV
             row = b",".join(_csv_value(v) for v in values)
-        return self._line(row, bytes_digest)
+        return row
 
-    def csv_rows(
-        self, records: Sequence[Any], bytes_digests: Sequence[str | None]
-    ) -> list[tuple[bytes, str] | None]:
-        """:meth:`csv_row` of each record, None where a record is not a JSON object. The
-        whole page is rendered in one call when it can be, giving the very same lines."""
+    def csv_rows(self, records: Sequence[dict[str, Any]]) -> list[bytes]:
+        """:meth:`csv_row` of each record. The whole page is rendered in one call when it
+        can be, giving the very same rows."""
         try:
             dumped = orjson.dumps([self._values(r) for r in records])
         except (TypeError, KeyError):
@@ -372,18 +365,25 @@ class PageWriter:
             rows = dumped[2:-2].split(b"],[")
             # Splitting is exact when "],[" occurs only between records, never in a value.
             if len(rows) == len(records):
-                return list(map(self._line, rows, bytes_digests))
-        return [
-            self.csv_row(r, digest) if isinstance(r, dict) else None
-            for r, digest in zip(records, bytes_digests, strict=True)
-        ]
+                return rows
+        return [self.csv_row(r) for r in records]
 
-    def _line(self, row: bytes, bytes_digest: str | None) -> tuple[bytes, str]:
-        digest = hashlib.md5(row).hexdigest()
-        line = row + b',"' + digest.encode() + b'"'
+    def csv_lines(
+        self, records: Sequence[dict[str, Any]], bytes_digests: Sequence[str | None]
+    ) -> tuple[list[bytes], list[str]]:
+        """The CSV line of each valid record and its digest, the md5 of its fields' row.
+        A line holds the row, the digest and, where the table keeps it, the record's
+        ``bytes_digests`` entry (null if unknown)."""
+        rows = self.csv_rows(records)
+        md5 = hashlib.md5
+        digests = [md5(row).hexdigest() for row in rows]
+        ends: Iterable[bytes] = itertools.repeat(b"")
         if self.keeps_bytes_digest:
-            line += b',"' + bytes_digest.encode() + b'"' if bytes_digest else b",null"
-        return line, digest
+            ends = [b',"%s"' % b.encode() if b else b",null" for b in bytes_digests]
+        lines = [
+            b'%s,"%s"%s' % (r, d.encode(), e) for r, d, e in zip(rows, digests, ends, strict=False)
+        ]
+        return lines, digests
 
     def stored_digests(
         self, conn: Connection, keys: Sequence[str], column: str = "source_hash"
@@ -691,8 +691,7 @@ def prepare_columns(
 ) -> Columns:
     """:func:`prepare_records`, column by column, with the digests of the records' bytes
     where known."""
-    rendered = writer.csv_rows(valid, bytes_digests or [None] * len(valid))
-    lines, digests = map(list, zip(*rendered, strict=True)) if rendered else ([], [])
+    lines, digests = writer.csv_lines(valid, bytes_digests or [None] * len(valid))
     raws = list(valid) if resource.parent is not None else None
     return Columns(resource.canonical_keys(valid), lines, digests, raws)
 
