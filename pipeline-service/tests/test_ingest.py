@@ -529,14 +529,9 @@ def test_the_bytes_hash_is_the_md5_of_the_record_as_served(serve_source, make_cl
         assert stored == hashlib.md5(served).hexdigest()
 
 
-def test_a_reingest_parses_only_records_whose_bytes_changed(
-    serve_source, make_client, db, monkeypatch
-):
-    records = [customer(n) for n in range(1, 41)]
-    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
-    client.post("/api/ingest?resource=customers")
-    versions = row_versions(db, "customers")
-
+@pytest.fixture
+def raw_pages(monkeypatch) -> list[int]:
+    """For each page that reaches the writer unparsed, how many of its records it parses."""
     parsed: list[int] = []
     real_prepare_raw = ingest.prepare_raw
 
@@ -545,6 +540,17 @@ def test_a_reingest_parses_only_records_whose_bytes_changed(
         return real_prepare_raw(resource, writer, page, places)
 
     monkeypatch.setattr(ingest, "prepare_raw", counting_prepare_raw)
+    return parsed
+
+
+def test_a_reingest_parses_only_records_whose_bytes_changed(
+    serve_source, make_client, db, raw_pages
+):
+    records = [customer(n) for n in range(1, 41)]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
+    client.post("/api/ingest?resource=customers")
+    versions = row_versions(db, "customers")
+
     second = list(records)
     second[4] = customer(5, first_name="Changed")  # page 1
     second[12] = customer(13, date_of_birth="1990-02-30")  # page 2: now invalid
@@ -555,7 +561,7 @@ def test_a_reingest_parses_only_records_whose_bytes_changed(
     body = client.post("/api/ingest?resource=customers").json()
 
     counts = body["resources"]["customers"]
-    assert parsed == [1, 1, 1, 2]  # every page came raw; only these records were parsed
+    assert raw_pages == [1, 1, 1, 2]  # every page came raw; only these records were parsed
     assert (counts["inserted"], counts["updated"], counts["rejected"]) == (1, 1, 1)
     assert counts["unchanged"] == 36
     changed = {k for k, v in row_versions(db, "customers").items() if versions.get(k) != v}
@@ -603,13 +609,16 @@ def test_a_key_that_cannot_be_stored_is_rejected_on_every_run(serve_source, make
         assert cur.fetchone()[0] == 2
 
 
-def test_a_source_that_changed_throughout_is_reingested_exactly(serve_source, make_client, db):
+def test_a_source_that_changed_throughout_is_reingested_exactly(
+    serve_source, make_client, db, raw_pages
+):
     records = [customer(n) for n in range(1, 61)]
     client = make_client(serve_source(customers=records).url, ingest_page_size=10)
     client.post("/api/ingest?resource=customers")
     changed = [customer(n, last_name=f"Moved{n}") for n in range(1, 61)]
     client.app.state.settings.mock_server_url = serve_source(customers=changed).url
     counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+    assert raw_pages == [10]  # the first page alone came raw; the rest prepared in full
     assert (counts["updated"], counts["unchanged"]) == (60, 0)
     served = client.get("/api/customers?limit=100").json()["data"]
     assert [c["last_name"] for c in served] == [f"Moved{n}" for n in range(1, 61)]
