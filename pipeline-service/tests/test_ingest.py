@@ -622,3 +622,18 @@ def test_a_source_that_changed_throughout_is_reingested_exactly(
     assert (counts["updated"], counts["unchanged"]) == (60, 0)
     served = client.get("/api/customers?limit=100").json()["data"]
     assert [c["last_name"] for c in served] == [f"Moved{n}" for n in range(1, 61)]
+
+
+def test_worker_processes_send_raw_pages_on_a_reingest(serve_source, make_client, db, raw_pages):
+    # Twelve pages: all but the first are prepared in worker processes.
+    records = [customer(n) for n in range(1, 121)]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
+    client.post("/api/ingest?resource=customers")
+    versions = row_versions(db, "customers")
+    records[64] = customer(65, first_name="Changed")
+    client.app.state.settings.mock_server_url = serve_source(customers=records).url
+    counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+    assert raw_pages == [0] * 6 + [1] + [0] * 5
+    assert (counts["updated"], counts["unchanged"], counts["pages"]) == (1, 119, 12)
+    changed = {k for k, v in row_versions(db, "customers").items() if versions[k] != v}
+    assert changed == {("C00065",)}
