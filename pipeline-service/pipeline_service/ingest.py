@@ -606,6 +606,7 @@ class Columns(NamedTuple):
     """Kept only where a missing parent row may still reject a record."""
 
     def records(self) -> list[Prepared]:
+        """The records, one named tuple each."""
         raws = self.raws or itertools.repeat(None, len(self.keys))
         return list(map(Prepared, self.keys, self.lines, self.digests, raws))
 
@@ -639,6 +640,7 @@ class PreparedPage:
         return found
 
     def __getstate__(self) -> dict[str, Any]:
+        """Only the columns travel; :attr:`records` is rebuilt where it is needed."""
         return {name: value for name, value in vars(self).items() if name != "records"}
 
 
