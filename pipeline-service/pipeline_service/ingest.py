@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -426,9 +426,7 @@ class PageWriter:
         if not keys:
             return []
         stored = self.stored_digests(conn, keys, "source_bytes_hash").get
-        twice: Collection[str] = ()
-        if len(set(keys)) < len(keys):
-            twice = {key for key, n in Counter(keys).items() if n > 1}
+        twice = repeated(keys)
         return [
             i
             for i, key, digest in zip(itertools.count(), keys, page.bytes_digests, strict=False)
@@ -495,6 +493,13 @@ class PageWriter:
         if exact is False:
             conn.execute(self.renumber)
             conn.execute(self.mark_exact)
+
+
+def repeated(keys: Sequence[Hashable]) -> set[Hashable]:
+    """The keys that occur more than once in ``keys``."""
+    if len(set(keys)) == len(keys):
+        return set()
+    return {key for key, n in Counter(keys).items() if n > 1}
 
 
 def _csv_value(value: Any) -> bytes:
@@ -632,11 +637,8 @@ class PreparedPage:
         key occurs twice as PostgreSQL compares keys, where the later record must win."""
         found = {r.key: r.digest for r in self.records}
         if len(found) < len(self.records):
-            seen: set[tuple] = set()
-            for r in self.records:
-                if r.key in seen:
-                    found.pop(r.key, None)
-                seen.add(r.key)
+            for key in repeated([r.key for r in self.records]):
+                del found[key]
         return found
 
     def __getstate__(self) -> dict[str, Any]:

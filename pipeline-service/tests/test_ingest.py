@@ -521,6 +521,14 @@ def stored_bytes_hashes(db) -> dict[str, str]:
         return dict(cur.fetchall())
 
 
+def ingested(serve_source, make_client, db, records: list, page_size: int):
+    """A client that has ingested ``records`` as customers in pages of ``page_size``, and
+    the version of each row it wrote."""
+    client = make_client(serve_source(customers=records).url, ingest_page_size=page_size)
+    client.post("/api/ingest?resource=customers")
+    return client, row_versions(db, "customers")
+
+
 def test_the_bytes_hash_is_the_md5_of_the_record_as_served(serve_source, make_client, db):
     source = serve_source(customers=[customer(n) for n in range(1, 4)])
     make_client(source.url).post("/api/ingest?resource=customers")
@@ -547,9 +555,7 @@ def test_a_reingest_parses_only_records_whose_bytes_changed(
     serve_source, make_client, db, raw_pages
 ):
     records = [customer(n) for n in range(1, 41)]
-    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
-    client.post("/api/ingest?resource=customers")
-    versions = row_versions(db, "customers")
+    client, versions = ingested(serve_source, make_client, db, records, page_size=10)
 
     second = list(records)
     second[4] = customer(5, first_name="Changed")  # page 1
@@ -579,9 +585,7 @@ def test_reformatted_json_of_the_same_records_rewrites_nothing(
     serve_source, make_client, db, tmp_path
 ):
     records = [customer(n) for n in range(1, 21)]
-    client = make_client(serve_source(customers=records).url, ingest_page_size=5)
-    client.post("/api/ingest?resource=customers")
-    versions = row_versions(db, "customers")
+    client, versions = ingested(serve_source, make_client, db, records, page_size=5)
 
     # Other bytes, same records: keys in another order, other spacing.
     reformatted = write_source_files(tmp_path / "reformatted")
@@ -627,9 +631,7 @@ def test_a_source_that_changed_throughout_is_reingested_exactly(
 def test_worker_processes_send_raw_pages_on_a_reingest(serve_source, make_client, db, raw_pages):
     # Twelve pages: all but the first are prepared in worker processes.
     records = [customer(n) for n in range(1, 121)]
-    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
-    client.post("/api/ingest?resource=customers")
-    versions = row_versions(db, "customers")
+    client, versions = ingested(serve_source, make_client, db, records, page_size=10)
     records[64] = customer(65, first_name="Changed")
     client.app.state.settings.mock_server_url = serve_source(customers=records).url
     counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
