@@ -48,6 +48,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from xxhash import xxh3_128_hexdigest
 
 from pipeline_service.config import Settings
 from pipeline_service.models import IngestRun, IngestRunResource, RejectedRecord
@@ -60,6 +61,12 @@ log = logging.getLogger(__name__)
 INGEST_LOCK_ID = 0x1A6E_57  # pg advisory lock key shared by every pipeline process
 PROCESS_POOL_MIN_PAGES = 8
 """Fewer pages left than this are prepared in threads: starting worker processes costs more."""
+
+digest = xxh3_128_hexdigest
+"""The digest by which a stored record is recognised, of its fields' CSV row or of its
+bytes: 128-bit XXH3 as 32 hex digits, stored as a uuid. A fast hash, not a cryptographic
+one: only the source could make two of its records collide, and would only hide its own
+change. Versions before XXH3 stored md5 digests (see :meth:`PageWriter.changed`)."""
 
 
 class IngestBusy(Exception):
@@ -119,12 +126,12 @@ class ValidatedPage:
 
 
 def bytes_digests(fetched: SourcePage) -> list[str | None]:
-    """The md5 of each fetched record's JSON exactly as the source wrote it, by which a
-    record stored before is recognised without parsing it (:class:`RawPage`); None for
-    each record of a page that did not split into records' bytes."""
+    """The :data:`digest` of each fetched record's JSON exactly as the source wrote it, by
+    which a record stored before is recognised without parsing it (:class:`RawPage`); None
+    for each record of a page that did not split into records' bytes."""
     if fetched.raws is None:
         return [None] * len(fetched.records)
-    return [hashlib.md5(raw).hexdigest() for raw in fetched.raws]
+    return list(map(digest, fetched.raws))
 
 
 def validate_page(
@@ -185,7 +192,9 @@ class Prepared(NamedTuple):
     line: bytes
     """Its CSV line: the fields, then the digest (and the bytes digest, where kept)."""
     digest: str
-    """The md5 of its fields as rendered: equal digests, equal stored rows."""
+    """The :data:`digest` of its fields as rendered: equal digests, equal stored rows."""
+    bytes_digest: str | None
+    """The :data:`digest` of its JSON as the source wrote it, where known."""
     raw: dict[str, Any] | None
     """The source record, kept only where a missing parent row may still reject it."""
 
@@ -322,12 +331,20 @@ class PageWriter:
         # (LIMIT 1 keeps it an index lookup) finds the row by the digest's own index.
         if len(resource.key) == 1:
             k = resource.key[0]
+            hexes = ", ".join(f"encode(uuid_send({d}), 'hex')" for d in digests)
             # Run on the DBAPI cursor: a thousand SQLAlchemy rows cost more than the scan.
-            self.read_digests = {
-                digest: f'SELECT "{k}", encode(uuid_send({digest}), \'hex\') FROM "{target}" '
+            self.read_digests = (
+                f'SELECT "{k}", {hexes} FROM "{target}" '
                 f'WHERE "{k}" BETWEEN %(low)s AND %(high)s ORDER BY "{k}" LIMIT %(most)s'
-                for digest in digests
-            }
+            )
+            renewed = ["source_hash = v.digest::uuid"]
+            if self.keeps_bytes_digest:
+                renewed.append("source_bytes_hash = coalesce(v.bytes::uuid, t.source_bytes_hash)")
+            self.renew_sql = (
+                f'UPDATE "{target}" t SET {", ".join(renewed)} '
+                "FROM unnest(%(keys)s::text[], %(digests)s::text[], %(bytes)s::text[]) "
+                f'v(key, digest, bytes) WHERE t."{k}" = v.key'
+            )
         else:
             self.find_changed = text(
                 f"""
@@ -371,12 +388,11 @@ class PageWriter:
     def csv_lines(
         self, records: Sequence[dict[str, Any]], bytes_digests: Sequence[str | None]
     ) -> tuple[list[bytes], list[str]]:
-        """The CSV line of each valid record and its digest, the md5 of its fields' row.
+        """The CSV line of each valid record and its :data:`digest`, of its fields' row.
         A line holds the row, the digest and, where the table keeps it, the record's
         ``bytes_digests`` entry (null if unknown)."""
         rows = self.csv_rows(records)
-        md5 = hashlib.md5
-        digests = [md5(row).hexdigest() for row in rows]
+        digests = list(map(digest, rows))
         ends: Iterable[bytes] = itertools.repeat(b"")
         if self.keeps_bytes_digest:
             ends = [b',"%s"' % b.encode() if b else b",null" for b in bytes_digests]
@@ -385,38 +401,69 @@ class PageWriter:
         ]
         return lines, digests
 
-    def stored_digests(
-        self, conn: Connection, keys: Sequence[str], column: str = "source_hash"
-    ) -> dict[str, str | None]:
-        """The digests in ``column``, by key, of stored rows, among them those of ``keys``
-        (for a one-column key)."""
+    def stored_digests(self, conn: Connection, keys: Sequence[str]) -> dict[str, tuple]:
+        """The digests of stored rows by key, among them those of ``keys`` (for a
+        one-column key): of the fields, then of the bytes where the table keeps them."""
         bounds = {"low": min(keys), "high": max(keys), "most": 2 * len(keys)}
         # Python compares strings as the keys' "C" collation does: by code points.
         with closing(conn.connection.dbapi_connection.cursor()) as cursor:
-            cursor.execute(self.read_digests[column], bounds)
-            return dict(cursor.fetchall())
+            cursor.execute(self.read_digests, bounds)
+            return {key: digests for key, *digests in cursor.fetchall()}
 
-    def changed(self, conn: Connection, page: "PreparedPage") -> list[Prepared]:
-        """The records of ``page`` that are not stored exactly as they are (those that are
-        were validated and written before: nothing to do)."""
+    def changed(
+        self, conn: Connection, page: "PreparedPage"
+    ) -> tuple[list[Prepared], list[Prepared]]:
+        """The records of ``page`` that are not stored as they are, to be written; and
+        those that are, but under other digests, whose digests alone are to be renewed
+        (:meth:`renew_digests`): the source wrote them with other bytes (reformatted, say),
+        or an earlier version stored an md5 digest of the same fields' row."""
         candidates = page.candidates()
         if not candidates:
-            return page.records
-        if self._by_key:
-            stored = self.stored_digests(conn, [key for (key,) in candidates])
-            return [
-                r
-                for r in page.records
-                if r.key not in candidates or stored.get(r.key[0]) != r.digest
-            ]
-        # An array literal: much cheaper to send than a thousand parameters.
-        digests = "{" + ",".join(candidates.values()) + "}"
-        found = conn.execute(self.find_changed, {"digests": digests}).scalar()
-        if len(found) == len(candidates):
-            return page.records
-        numbers = set(found)  # 1-based, in the order of candidates
-        stale = {digest for i, digest in enumerate(candidates.values(), 1) if i in numbers}
-        return [r for r in page.records if r.key not in candidates or r.digest in stale]
+            return page.records, []
+        if not self._by_key:
+            # Found by the digest's own index. Rows stored under an earlier version's
+            # digest are written once more (no field of these is set through the API).
+            digests = "{" + ",".join(candidates.values()) + "}"  # cheaper than parameters
+            found = conn.execute(self.find_changed, {"digests": digests}).scalar()
+            if len(found) == len(candidates):
+                return page.records, []
+            numbers = set(found)  # 1-based, in the order of candidates
+            stale = {d for i, d in enumerate(candidates.values(), 1) if i in numbers}
+            return [r for r in page.records if r.key not in candidates or r.digest in stale], []
+        stored = self.stored_digests(conn, [key for (key,) in candidates])
+        changed, renewed = [], []
+        for record in page.records:
+            found = stored.get(record.key[0]) if record.key in candidates else None
+            if found is None:
+                changed.append(record)
+            elif found[0] == record.digest:
+                bytes_digest = record.bytes_digest
+                if self.keeps_bytes_digest and bytes_digest not in (None, found[1]):
+                    renewed.append(record)
+            elif found[0] == self._md5_digest(record):
+                renewed.append(record)
+            else:
+                changed.append(record)
+        return changed, renewed
+
+    def _md5_digest(self, record: Prepared) -> str:
+        """The digest an earlier version stored for ``record``: the md5 of its fields' row
+        (the line without its digests)."""
+        row = record.line.rsplit(b",", 1 + self.keeps_bytes_digest)[0]
+        return hashlib.md5(row).hexdigest()
+
+    def renew_digests(self, conn: Connection, records: Sequence[Prepared]) -> None:
+        """Give the rows of ``records`` (stored with the same fields) the records' digests,
+        in ``conn``'s transaction, leaving their fields and ``updated_at`` as they are."""
+        if not records:
+            return
+        params = {
+            "keys": [r.key[0] for r in records],
+            "digests": [r.digest for r in records],
+            "bytes": [r.bytes_digest for r in records],
+        }
+        with closing(conn.connection.dbapi_connection.cursor()) as cursor:
+            cursor.execute(self.renew_sql, params)
 
     def changed_raw(self, conn: Connection, page: "RawPage") -> list[int]:
         """The places in ``page`` of the records whose bytes are not the stored ones: a
@@ -425,12 +472,12 @@ class PageWriter:
         keys = page.keys
         if not keys:
             return []
-        stored = self.stored_digests(conn, keys, "source_bytes_hash").get
+        stored = {key: digests[1] for key, digests in self.stored_digests(conn, keys).items()}
         twice = repeated(keys)
         return [
             i
             for i, key, digest in zip(itertools.count(), keys, page.bytes_digests, strict=False)
-            if stored(key) != digest or key in twice
+            if stored.get(key) != digest or key in twice
         ]
 
     def tail(self, conn: Connection) -> Tail | None:
@@ -607,13 +654,15 @@ class Columns(NamedTuple):
     keys: list[tuple]
     lines: list[bytes]
     digests: list[str]
+    bytes_digests: Sequence[str | None]
     raws: list[dict[str, Any]] | None
     """Kept only where a missing parent row may still reject a record."""
 
     def records(self) -> list[Prepared]:
         """The records, one named tuple each."""
         raws = self.raws or itertools.repeat(None, len(self.keys))
-        return list(map(Prepared, self.keys, self.lines, self.digests, raws))
+        columns = (self.keys, self.lines, self.digests, self.bytes_digests, raws)
+        return list(map(Prepared, *columns))
 
 
 @dataclass
@@ -695,9 +744,10 @@ def prepare_columns(
 ) -> Columns:
     """:func:`prepare_records`, column by column, with the digests of the records' bytes
     where known."""
-    lines, digests = writer.csv_lines(valid, bytes_digests or [None] * len(valid))
+    bytes_digests = bytes_digests or [None] * len(valid)
+    lines, digests = writer.csv_lines(valid, bytes_digests)
     raws = list(valid) if resource.parent is not None else None
-    return Columns(resource.canonical_keys(valid), lines, digests, raws)
+    return Columns(resource.canonical_keys(valid), lines, digests, bytes_digests, raws)
 
 
 class PageMaker:
@@ -984,7 +1034,8 @@ class Ingest:
                     page = prepare_raw(resource, writer, page, places)
                 records = page.records
                 if look_up and records and not writer.sorts_after(records, tail):
-                    records = writer.changed(conn, page)
+                    records, renewed = writer.changed(conn, page)
+                    writer.renew_digests(conn, renewed)
                 skipped += len(page.records) - len(records)
                 valid, orphans = split_orphans(conn, resource, records)
                 rejected = page.rejected + orphans

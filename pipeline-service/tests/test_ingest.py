@@ -9,8 +9,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import xxhash
 from pipeline_service import ingest
-from pipeline_service.ingest import INGEST_LOCK_ID, storable_json
+from pipeline_service.ingest import INGEST_LOCK_ID, PageWriter, storable_json
+from pipeline_service.resources import RESOURCES
 
 from conftest import (
     SAMPLE_DATA_DIR,
@@ -529,12 +531,12 @@ def ingested(serve_source, make_client, db, records: list, page_size: int):
     return client, row_versions(db, "customers")
 
 
-def test_the_bytes_hash_is_the_md5_of_the_record_as_served(serve_source, make_client, db):
+def test_the_bytes_hash_is_the_xxh3_of_the_record_as_served(serve_source, make_client, db):
     source = serve_source(customers=[customer(n) for n in range(1, 4)])
     make_client(source.url).post("/api/ingest?resource=customers")
     for key, stored in stored_bytes_hashes(db).items():
         served = urllib.request.urlopen(f"{source.url}/api/customers/{key}").read()
-        assert stored == hashlib.md5(served).hexdigest()
+        assert stored == xxhash.xxh3_128_hexdigest(served)
 
 
 @pytest.fixture
@@ -581,21 +583,74 @@ def test_a_reingest_parses_only_records_whose_bytes_changed(
     assert key == "C00013" and "date_of_birth" in reason
 
 
-def test_reformatted_json_of_the_same_records_rewrites_nothing(
-    serve_source, make_client, db, tmp_path
+def stored_rows(db, table: str) -> set[tuple]:
+    """Every row of ``table`` but its digests."""
+    with db.cursor() as cur:
+        cur.execute(f"SELECT * FROM {table}")
+        names = [column.name for column in cur.description]
+        kept = [i for i, name in enumerate(names) if name not in DIGEST_COLUMNS]
+        return {tuple(row[i] for i in kept) for row in cur.fetchall()}
+
+
+DIGEST_COLUMNS = ("source_hash", "source_bytes_hash")
+
+
+def test_reformatted_json_of_the_same_records_keeps_them_and_learns_the_new_bytes(
+    serve_source, make_client, db, tmp_path, raw_pages
 ):
     records = [customer(n) for n in range(1, 21)]
-    client, versions = ingested(serve_source, make_client, db, records, page_size=5)
+    client, _ = ingested(serve_source, make_client, db, records, page_size=5)
+    rows = stored_rows(db, "customers")
 
     # Other bytes, same records: keys in another order, other spacing.
     reformatted = write_source_files(tmp_path / "reformatted")
     text = json.dumps([dict(reversed(r.items())) for r in records], indent=3)
     (reformatted / "customers.json").write_text(text)
     client.app.state.settings.mock_server_url = serve_source(data_dir=reformatted).url
-    for _ in range(2):
+
+    def reingest() -> None:
         counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
         assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (0, 0, 20)
+        assert stored_rows(db, "customers") == rows  # fields and updated_at as they were
+
+    reingest()  # learns the new bytes
+    versions = row_versions(db, "customers")
+    raw_pages.clear()
+    reingest()  # and recognises them: nothing parsed, nothing written
+    assert raw_pages == [0, 0, 0, 0]
     assert row_versions(db, "customers") == versions
+
+
+def test_records_stored_by_an_earlier_version_keep_their_api_status(
+    serve_source, make_client, db, raw_pages
+):
+    """Versions before XXH3 stored md5 digests, of the fields' row and of the bytes."""
+    source = serve_source(data_dir=SAMPLE_DATA_DIR)
+    client = make_client(source.url)
+    client.post("/api/ingest?resource=machines")
+    client.post("/api/machines/MCH001/status", json={"status": "ERROR"})
+    rows = PageWriter(RESOURCES["machines"]).csv_rows(load_sample("machines"))
+    with db.cursor() as cur:
+        for row, record in zip(rows, load_sample("machines"), strict=True):
+            key = record["machine_id"]
+            served = urllib.request.urlopen(f"{source.url}/api/machines/{key}").read()
+            cur.execute(
+                "UPDATE machines SET source_hash = %s, source_bytes_hash = %s"
+                " WHERE machine_id = %s",
+                (hashlib.md5(row).hexdigest(), hashlib.md5(served).hexdigest(), key),
+            )
+    stored = stored_rows(db, "machines")
+
+    def reingest() -> None:
+        counts = client.post("/api/ingest?resource=machines").json()["resources"]["machines"]
+        assert (counts["updated"], counts["unchanged"]) == (0, len(rows))
+        assert stored_rows(db, "machines") == stored
+
+    reingest()  # renews the digests
+    raw_pages.clear()
+    reingest()  # and recognises the bytes
+    assert raw_pages == [0]
+    assert client.get("/api/machines/MCH001").json()["status"] == "ERROR"
 
 
 @pytest.mark.parametrize("key", [12345, None, "C\x00NUL"])
