@@ -63,30 +63,26 @@ class ServingQueries:
         )
         if resource.positioned:
             # $1 resource, $2 < position <= $3. No rows unless positions are exact.
-            rows = self.rows(
-                ["s.positions_exact", "position > $2", "position <= $3"], list(resource.key), ""
-            )
+            (key,) = resource.key
+            rows = self.rows(["s.positions_exact", "position > $2", "position <= $3"], key, "")
             self.by_position = (
                 f"SELECT s.total, p.data, p.n, p.last, s.positions_exact FROM collection_stats s "
                 f"CROSS JOIN LATERAL ({rows}) p WHERE s.resource = $1"
             )
 
-    def rows(self, conditions: list[str], order: list[str], tail: str) -> str:
-        """The JSON array of the rows matching ``conditions``, in ``order``, then ``tail``
-        (LIMIT/OFFSET), as column ``data``; their count as ``n``; and the last row's
-        ``order`` values as a JSON array, ``last``."""
-        ordered = ", ".join(f't."{o}"' for o in order)
-        descending = ", ".join(f't."{o}" DESC' for o in order)
-        stored_order = ", ".join(f'"{o}"' for o in order)
+    def rows(self, conditions: list[str], order: str, tail: str) -> str:
+        """The JSON array of the rows matching ``conditions``, by column ``order`` (unique
+        among them), then ``tail`` (LIMIT/OFFSET), as column ``data``; their count as
+        ``n``; and the last row's ``order`` value in a JSON array, ``last``."""
         return (
-            f"SELECT coalesce(json_agg(r ORDER BY {ordered}), '[]')::text AS data, "
-            f"count(*) AS n, (array_agg(json_build_array({ordered}) ORDER BY {descending}))[1]"
-            f'::text AS last FROM (SELECT {self.columns} FROM "{self.table}" '
-            f"WHERE {' AND '.join(conditions) or 'true'} ORDER BY {stored_order} {tail}) t "
+            f"SELECT coalesce(json_agg(r ORDER BY t.\"{order}\"), '[]')::text AS data, "
+            f'count(*) AS n, json_build_array(max(t."{order}"))::text AS last '
+            f'FROM (SELECT {self.columns} FROM "{self.table}" '
+            f'WHERE {" AND ".join(conditions) or "true"} ORDER BY "{order}" {tail}) t '
             f"{self.render}"
         )
 
-    def page(self, total: str, conditions: list[str], order: list[str], tail: str) -> str:
+    def page(self, total: str, conditions: list[str], order: str, tail: str) -> str:
         """:meth:`rows` with the total the query ``total`` gives, in one statement."""
         return (
             f"SELECT ({total}), p.data, p.n, p.last, true "
@@ -105,16 +101,15 @@ def _encode_cursor(values: list[Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str, size: int) -> list[Any]:
+def _decode_cursor(cursor: str) -> str:
+    """The last value of the order column that the page before ``cursor`` held."""
     try:
         values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (binascii.Error, ValueError):
         values = None
-    if not isinstance(values, list) or len(values) != size:
+    if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], str):
         raise HTTPException(400, "after: not a cursor this API gave out")
-    if not all(isinstance(v, str) for v in values):
-        raise HTTPException(400, "after: not a cursor this API gave out")
-    return values
+    return values[0]
 
 
 async def json_page(
@@ -125,11 +120,11 @@ async def json_page(
     limit: int,
     after: str | None,
     where: dict[str, Any],
-    order: list[str],
+    order: str,
 ) -> Response:
     """One page as a JSON answer: records matching ``where`` (column = value, plus the
-    'from'/'to' bounds of a time window) in ``order`` (page ``page``, or the records after
-    the cursor ``after``), their exact total, and a ``next`` link."""
+    'from'/'to' bounds of a time window) by column ``order`` (page ``page``, or the
+    records after the cursor ``after``), their exact total, and a ``next`` link."""
     queries = QUERIES[resource.name]
     args: list[Any] = []
 
@@ -153,11 +148,10 @@ async def json_page(
 
     row = None
     if after is not None:
-        values: list[Any] = _decode_cursor(after, len(order))
-        if order[-1] == "timestamp":
-            values[-1] = _parse_cursor_time(values[-1])
-        columns = ", ".join(f'"{o}"' for o in order)
-        seek = f"({columns}) > ({', '.join(arg(v) for v in values)})"
+        value: Any = _decode_cursor(after)
+        if order == "timestamp":
+            value = _parse_cursor_time(value)
+        seek = f'"{order}" > {arg(value)}'
         query = queries.page(total, [*conditions, seek], order, f"LIMIT {arg(limit)}")
         row = await conn.fetchrow(query, *args)
     else:
@@ -215,7 +209,7 @@ def add_collection_routes(resource: Resource) -> None:
         request: Request, page: PageParam = 1, limit: LimitParam = 10, after: AfterParam = None
     ) -> Response:
         async with request.app.state.reads.connection() as conn:
-            order = list(resource.key)
+            (order,) = resource.key
             return await json_page(conn, request, resource, page, limit, after, {}, order)
 
     @router.get(
@@ -311,4 +305,4 @@ async def list_machine_readings(
     async with request.app.state.reads.connection() as conn:
         if await conn.fetchval(MACHINE_EXISTS, machine_id) is None:
             raise _no_machine(machine_id)
-        return await json_page(conn, request, READINGS, page, limit, after, where, ["timestamp"])
+        return await json_page(conn, request, READINGS, page, limit, after, where, "timestamp")
