@@ -126,6 +126,32 @@ def children(pid: int) -> list[int]:
     return [c.pid for c in psutil.Process(pid).children(recursive=True)]
 
 
+def wait_idle(pids: list[int], seconds: float = 60) -> None:
+    """Wait until the processes ``pids`` and their children use less than 5% of a core
+    over half a second (or ``seconds`` have passed)."""
+    import psutil
+
+    def cpu_seconds() -> float:
+        total = 0.0
+        for pid in pids:
+            for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+                try:
+                    times = process.cpu_times()
+                    total += times.user + times.system
+                except psutil.NoSuchProcess:
+                    pass
+        return total
+
+    deadline = time.monotonic() + seconds
+    before = cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds()
+        if now - before < 0.025:
+            return
+        before = now
+
+
 class Stack:
     """PostgreSQL database + mock server + pipeline for one measurement."""
 
@@ -169,6 +195,10 @@ class Stack:
             wait_healthy(f"{self.url}/api/health", self.pipeline, seconds=120)
         except StackError as exc:
             raise SystemExit(f"bench: {exc}") from exc
+        # Healthy is not settled: each server process starts the server that page workers
+        # fork from, which imports the pipeline for a second or so. Measured beside it, COPY
+        # would look slower than it is.
+        wait_idle([self.mock.pid, self.pipeline.pid])
 
     @staticmethod
     def _stop(process: subprocess.Popen) -> None:
