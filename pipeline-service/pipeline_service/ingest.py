@@ -487,28 +487,23 @@ class PageWriter:
         key, position = conn.execute(self.read_tail).one()
         return Tail(key, position)
 
-    def sorts_after(self, records: Sequence[Prepared], tail: Tail | None) -> bool:
-        """Whether every key of ``records`` sorts after every stored key (so none is stored)."""
-        if tail is None or not records:
-            return False
-        # Python orders strings as the keys' "C" collation does (code points = UTF-8 bytes).
-        return tail.key is None or min(r.key for r in records)[0] > tail.key
-
-    def append(
-        self, conn: Connection, records: Sequence[Prepared], tail: Tail | None
-    ) -> Tail | None:
-        """If :meth:`sorts_after`, COPY ``records`` (unique keys) straight into the table in
-        ``conn``'s transaction, numbered on from ``tail.position`` in key order, and return
-        the new tail (the caller adds them to the collection's total). Otherwise write
-        nothing and return None."""
-        if not self.sorts_after(records, tail):
+    def append(self, conn: Connection, records: "Columns", tail: Tail | None) -> Tail | None:
+        """If every key of ``records`` (unique keys, of a positioned collection: one without
+        a parent) sorts after every stored key, so that none is stored, COPY them straight
+        into the table in ``conn``'s transaction, numbered on from ``tail.position`` in key
+        order, and return the new tail (the caller adds them to the collection's total).
+        Otherwise write nothing and return None."""
+        keys = records.keys
+        if tail is None or not keys:
             return None
-        ordered = sorted(records)  # by key first
-        data = b"\n".join(
-            [b"%s,%d" % (r.line, position) for position, r in enumerate(ordered, tail.position + 1)]
-        )
-        self._copy(conn, self.append_sql, data)
-        return Tail(ordered[-1].key[0], tail.position + len(ordered))
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        # Python orders strings as the keys' "C" collation does (code points = UTF-8 bytes).
+        if tail.key is not None and keys[order[0]][0] <= tail.key:
+            return None
+        lines = [records.lines[i] for i in order]
+        numbered = zip(lines, itertools.count(tail.position + 1))
+        self._copy(conn, self.append_sql, b"\n".join(map(b"%s,%d".__mod__, numbered)))
+        return Tail(keys[order[-1]][0], tail.position + len(keys))
 
     def write(self, conn: Connection, records: Sequence[Prepared]) -> "Written":
         """Upsert ``records`` in ``conn``'s transaction, without committing; of records with
@@ -1032,17 +1027,18 @@ class Ingest:
                     mode.observe(page.fetched, len(places))
                     skipped = page.fetched - len(places)
                     page = prepare_raw(resource, writer, page, places)
-                records = page.records
-                if look_up and records and not writer.sorts_after(records, tail):
-                    records, renewed = writer.changed(conn, page)
-                    writer.renew_digests(conn, renewed)
-                skipped += len(page.records) - len(records)
-                valid, orphans = split_orphans(conn, resource, records)
-                rejected = page.rejected + orphans
-                appended = writer.append(conn, valid, tail)
-                if appended is not None:
-                    written = Written(len(valid), 0, 0)
+                rejected = page.rejected
+                appended = writer.append(conn, page.prepared, tail)
+                if appended is not None:  # all new: no record to look up
+                    written = Written(len(page.prepared.keys), 0, 0)
                 else:
+                    records = page.records
+                    if look_up and records:
+                        records, renewed = writer.changed(conn, page)
+                        writer.renew_digests(conn, renewed)
+                    skipped += len(page.records) - len(records)
+                    valid, orphans = split_orphans(conn, resource, records)
+                    rejected = rejected + orphans
                     written = writer.write(conn, valid)
                     appended = writer.tail(conn) if written.inserted else tail
                 store_rejections(conn, resource, rejected, run_id, page_no)
