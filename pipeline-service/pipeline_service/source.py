@@ -71,6 +71,12 @@ class _Envelope(msgspec.Struct):
 _split = msgspec.json.Decoder(_Envelope).decode
 
 
+def split_records(body: bytes) -> list[msgspec.Raw]:
+    """The records of a page body that :meth:`SourceClient.get_page` split before, each
+    as its JSON exactly as the source wrote it."""
+    return _split(body).data
+
+
 class SourceClient:
     """Fetches pages from the source API, retrying transient failures within set bounds.
 
