@@ -2,7 +2,7 @@
 
 A re-ingest recognises a customer or machine whose JSON is byte for byte the one stored
 last time from this hash alone, without parsing or validating it again. Rows stored before
-get theirs when their record next changes; until then they take the slower path.
+are found by their fields' hash on the next run, which gives them this one too.
 
 Revision ID: 0007
 Revises: 0006

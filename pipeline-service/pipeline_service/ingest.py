@@ -152,7 +152,7 @@ def validate_page(
         digests = [None] * len(raw_records)
     result = ValidatedPage()
     by_key: dict[tuple, tuple[dict[str, Any], str | None]] = {}
-    for raw, digest in zip(raw_records, digests, strict=True):
+    for raw, bytes_digest in zip(raw_records, digests, strict=True):
         try:
             record = resource.record.model_validate(raw)
         except ValidationError as exc:
@@ -162,9 +162,9 @@ def validate_page(
             continue
         key = resource.key_of(record)
         by_key.pop(key, None)  # re-inserting keeps dict order = position of the later record
-        by_key[key] = (raw, digest)
+        by_key[key] = (raw, bytes_digest)
     result.valid = [raw for raw, _ in by_key.values()]
-    result.bytes_digests = [digest for _, digest in by_key.values()]
+    result.bytes_digests = [bytes_digest for _, bytes_digest in by_key.values()]
     return result
 
 
