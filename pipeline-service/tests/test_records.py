@@ -1,5 +1,6 @@
 """Re-serving stored records: pagination, lookups, bad parameters, fidelity to the source."""
 
+import asyncio
 from datetime import datetime
 from decimal import Decimal
 
@@ -306,3 +307,59 @@ def test_a_cursor_not_given_out_is_400(client_with_23, cursor):
     response = client_with_23.get("/api/customers", params={"after": cursor})
     assert response.status_code == 400
     assert response.json()["error"].startswith("after:")
+
+
+def test_reads_run_generic_plans_that_seek_the_index(make_client, db):
+    # The read pool plans each statement once (force_generic_plan): a generic plan knows no
+    # parameter values, so it must still seek the index, never scan the whole table.
+    from pipeline_service.api.routes.records import QUERIES
+
+    with db.cursor() as cur:
+        cur.execute(
+            "INSERT INTO customers (customer_id, first_name, last_name, email, created_at, "
+            "position) SELECT 'C' || lpad(n::text, 6, '0'), 'F', 'L', 'e@x', now(), n "
+            "FROM generate_series(1, 20000) n"
+        )
+        cur.execute("UPDATE collection_stats SET total = 20000 WHERE resource = 'customers'")
+        cur.execute(
+            "INSERT INTO machines (machine_id, name, model, location, status, created_at) "
+            "VALUES ('M1', 'n', 'm', 'l', 'IDLE', now())"
+        )
+        cur.execute(
+            "INSERT INTO machine_readings (machine_id, timestamp, temperature, speed, status) "
+            "SELECT 'M1', now() - n * interval '1 minute', 20, 1, 'IDLE' "
+            "FROM generate_series(1, 20000) n"
+        )
+        cur.execute("ANALYZE")
+    customers, readings = QUERIES["customers"], QUERIES["readings"]
+    window = ['"machine_id" = $1', '"timestamp" >= $2', '"timestamp" <= $3']
+    statements = [  # (the table read, the statement, its arguments)
+        ("customers", customers.by_position, "'customers', 9900, 10000"),
+        ("customers", customers.one, "'C010000'"),
+        (
+            "machine_readings",
+            readings.page(readings.count(window), window, "timestamp", "LIMIT $4 OFFSET $5"),
+            "'M1', now() - interval '2 days', now(), 100, 200",
+        ),
+    ]
+    app = make_client().app
+
+    async def plans() -> tuple[str, list[tuple[str, str]]]:
+        await app.state.reads.open()
+        try:
+            async with app.state.reads.connection() as conn:
+                mode = await conn.fetchval("SHOW plan_cache_mode")
+                found = []
+                for table, statement, args in statements:
+                    await conn.execute(f"PREPARE q AS {statement}")
+                    rows = await conn.fetch(f"EXPLAIN EXECUTE q({args})")
+                    found.append((table, "\n".join(row[0] for row in rows)))
+                    await conn.execute("DEALLOCATE q")
+                return mode, found
+        finally:
+            await app.state.reads.close()
+
+    mode, found = asyncio.run(plans())
+    assert mode == "force_generic_plan"
+    for table, plan in found:  # collection_stats, a few rows, may well be scanned
+        assert f"Seq Scan on {table}" not in plan and "Index Scan using" in plan, plan
