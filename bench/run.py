@@ -230,18 +230,24 @@ class Stack:
             cur.execute(f"SELECT count(*) FROM {table} WHERE xmin::text::bigint > %s", (xid,))
             return cur.fetchone()[0]
 
-    def copy_seconds(self, customers: int) -> float:
+    def copy_seconds(self, customers: int, runs: int = 3) -> list[float]:
+        """Seconds for PostgreSQL's own COPY of the rows into a fresh table like
+        ``customers`` (indexes included), once per run: a single COPY varies by a third
+        from one measurement to the next on a shared machine."""
         buffer = copy_text(customers)
+        timings = []
         with closing(psycopg2.connect(self.database_url)) as conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE copy_target (LIKE customers INCLUDING ALL)")
-            conn.commit()
-            started = time.perf_counter()
-            cur.copy_expert(f"COPY copy_target ({CUSTOMER_COLUMNS}) FROM STDIN", buffer)
-            conn.commit()
-            elapsed = time.perf_counter() - started
-            cur.execute("DROP TABLE copy_target")
-            conn.commit()
-        return elapsed
+            for _ in range(runs):
+                cur.execute("CREATE TABLE copy_target (LIKE customers INCLUDING ALL)")
+                conn.commit()
+                buffer.seek(0)
+                started = time.perf_counter()
+                cur.copy_expert(f"COPY copy_target ({CUSTOMER_COLUMNS}) FROM STDIN", buffer)
+                conn.commit()
+                timings.append(time.perf_counter() - started)
+                cur.execute("DROP TABLE copy_target")
+                conn.commit()
+        return timings
 
     def mock_pages_per_second(self, pages: int) -> float:
         host, port = self.mock_url.removeprefix("http://").split(":")
@@ -272,53 +278,67 @@ def latencies_ms(base_url: str, paths: list[str]) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
-def load_test(url: str, seconds: int = 10, connections: int = 16) -> dict:
-    """Requests/s and errors under ``connections`` concurrent keep-alive clients."""
+LOAD_SCRIPT = """
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", string.format("%s", math.random(1, %d)))
+end
+"""
+
+
+def load_test(
+    base_url: str, template: str, count: int, seconds: int = 10, clients: int = 16
+) -> dict:
+    """Requests/s and errors under ``clients`` concurrent keep-alive clients, each request
+    for ``template % n`` with n drawn at random from 1..``count`` (any page or record, not
+    one that stays cached)."""
     wrk = shutil.which("wrk")
-    if wrk:
+    if not wrk:
+        return python_load(base_url, template, count, seconds, clients)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(LOAD_SCRIPT % (template, count))
+        script.flush()
         output = subprocess.run(
-            [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", url],
+            [wrk, "-t2", f"-c{clients}", f"-d{seconds}s", "-s", script.name, base_url],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
-        rps = float(output.split("Requests/sec:")[1].split()[0])
-        errors = 0
-        for marker in ("Non-2xx or 3xx responses:",):
-            if marker in output:
-                errors += int(output.split(marker)[1].split()[0])
-        if "Socket errors:" in output:
-            errors += sum(
-                int(part.split()[-1])
-                for part in output.split("Socket errors:")[1].split("\n")[0].split(",")
-            )
-        return {"tool": "wrk", "requests_per_s": rps, "errors": errors}
-    return python_load(url, seconds, connections)
+    rps = float(output.split("Requests/sec:")[1].split()[0])
+    errors = 0
+    if "Non-2xx or 3xx responses:" in output:
+        errors += int(output.split("Non-2xx or 3xx responses:")[1].split()[0])
+    if "Socket errors:" in output:
+        errors += sum(
+            int(part.split()[-1])
+            for part in output.split("Socket errors:")[1].split("\n")[0].split(",")
+        )
+    return {"tool": "wrk", "requests_per_s": rps, "errors": errors}
 
 
-def python_load(url: str, seconds: int, connections: int) -> dict:
+def python_load(base_url: str, template: str, count: int, seconds: int, clients: int) -> dict:
     import threading
 
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
-    path = "/" + url.removeprefix("http://").split("/", 1)[1]
+    host, port = base_url.removeprefix("http://").split(":")
     done, errors, stop = [0], [0], time.monotonic() + seconds
     lock = threading.Lock()
 
-    def worker() -> None:
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
         conn = http.client.HTTPConnection(host, int(port))
-        count = failures = 0
+        count_done = failures = 0
         while time.monotonic() < stop:
-            conn.request("GET", path)
+            conn.request("GET", template % rng.randint(1, count))
             response = conn.getresponse()
             response.read()
-            count += 1
+            count_done += 1
             failures += response.status != 200
         conn.close()
         with lock:
-            done[0] += count
+            done[0] += count_done
             errors[0] += failures
 
-    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -337,8 +357,10 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
     with ExitStack() as stack:
         print("   starting PostgreSQL database, mock server and pipeline ...", flush=True)
         s = Stack(stack, server_url, data_dir, f"bench_{size}")
-        result["copy_s"] = s.copy_seconds(size)
-        print(f"   COPY of the same rows: {result['copy_s']:.2f} s", flush=True)
+        result["copy_runs_s"] = s.copy_seconds(size)
+        result["copy_s"] = statistics.median(result["copy_runs_s"])
+        runs = ", ".join(f"{t:.2f}" for t in result["copy_runs_s"])
+        print(f"   COPY of the same rows: {result['copy_s']:.2f} s (median of {runs})", flush=True)
 
         seconds, body = s.ingest("customers")
         counts = body["resources"]["customers"]
@@ -369,10 +391,9 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
         rng = random.Random(2)
         ids = [f"/api/customers/CUST{rng.randint(1, size):08d}" for _ in range(300)]
         result["get_single_ms"] = latencies_ms(s.url, ids)
-        print("   serving latencies measured; load test (16 clients, 10 s) ...", flush=True)
-        middle = f"{s.url}/api/customers?page={pages // 2}&limit=100"
-        result["load_pages"] = load_test(middle)
-        result["load_single"] = load_test(f"{s.url}/api/customers/CUST{size // 2:08d}")
+        print("   serving latencies measured; load test (16 clients, 10 s each) ...", flush=True)
+        result["load_pages"] = load_test(s.url, "/api/customers?page=%d&limit=100", pages)
+        result["load_single"] = load_test(s.url, "/api/customers/CUST%08d", size)
         mock_pages = min(size // 1000, 200)
         result["mock_pages_per_s"] = s.mock_pages_per_second(mock_pages)
         result["pipeline_pages_per_s"] = (size / 1000) / result["ingest_s"]
@@ -436,10 +457,11 @@ def print_table(results: list[dict]) -> None:
         ):
             p50, p99 = last[key]
             print(f"  {label:<28} {p50:7.2f} / {p99:7.2f}")
-        for key, label in (("load_pages", "pages of 100"), ("load_single", "single records")):
+        loads = (("load_pages", "random pages of 100"), ("load_single", "random records"))
+        for key, label in loads:
             load = last[key]
             print(
-                f"  16 clients, 10 s, {label:<15} {load['requests_per_s']:8,.0f} req/s, "
+                f"  16 clients, 10 s, {label:<19} {load['requests_per_s']:8,.0f} req/s, "
                 f"{load['errors']} errors ({load['tool']})"
             )
         print(
