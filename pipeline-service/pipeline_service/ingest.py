@@ -796,7 +796,7 @@ class PageMaker:
     def _read_keys(self, resource: Resource, body: bytes) -> list[str] | None:
         """The key of each record of a page, read alone; None unless every one is a string
         that PostgreSQL can compare (no NUL)."""
-        if b"\\u0000" in body:
+        if b"\\" in body and b"\\u0000" in body:  # a one-byte search first: many times faster
             return None
         try:
             page = self.key_readers[resource.name].decode(body)

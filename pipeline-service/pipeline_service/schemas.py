@@ -222,15 +222,17 @@ class PageValidator:
                 else:
                     form = value_format.pattern.encode()
                     misfits.append(key + rb"(?!(?:" + form + rb"|null)[\s,}\]])")
-        # One scan of the body finds any value not of its field's form.
-        self._misfit = re.compile(b"|".join(misfits)) if misfits else None
+        # A scan of the body per field finds any value not of its form: each pattern starts
+        # with its field's name, which the regex engine looks for far faster than it tries
+        # one alternation of all fields at every quote.
+        self._misfits = [re.compile(misfit) for misfit in misfits]
         strict = msgspec.defstruct(f"Fast{record.__name__}", fields, kw_only=True)
         self._decoder = msgspec.json.Decoder(msgspec.defstruct("Page", [("data", list[strict])]))
 
     def all_valid(self, body: bytes) -> bool:
-        if b"\\u" in body:
+        if b"\\" in body and b"\\u" in body:  # a one-byte search first: many times faster
             return False
-        if self._misfit is not None and self._misfit.search(body):
+        if any(misfit.search(body) for misfit in self._misfits):
             return False
         try:
             self._decoder.decode(body)
