@@ -232,8 +232,8 @@ class Stack:
 
     def copy_seconds(self, customers: int, runs: int = 3) -> list[float]:
         """Seconds for PostgreSQL's own COPY of the rows into a fresh table like
-        ``customers`` (indexes included), once per run: a single COPY varies by a third
-        from one measurement to the next on a shared machine."""
+        ``customers`` (indexes included), once per run: one COPY can take twice as long
+        as the next, the first on a fresh cluster most of all."""
         buffer = copy_text(customers)
         timings = []
         with closing(psycopg2.connect(self.database_url)) as conn, conn.cursor() as cur:
@@ -353,8 +353,7 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
     data_dir = workdir / f"data-{size}"
     print(f"\n== {size:,} customers: generating the source ...", flush=True)
     write_source(data_dir, size, readings if full else 0)
-    # The source files just written (hundreds of MB) would otherwise be flushed to disk
-    # during the COPY measured next, slowing it and not the ingest measured after it.
+    # The source files just written (hundreds of MB) go to disk now, not while measuring.
     os.sync()
     result: dict = {"records": size}
     with ExitStack() as stack:

@@ -223,8 +223,8 @@ class PageValidator:
                     form = value_format.pattern.encode()
                     misfits.append(key + rb"(?!(?:" + form + rb"|null)[\s,}\]])")
         # A scan of the body per field finds any value not of its form: each pattern starts
-        # with its field's name, which the regex engine looks for far faster than it tries
-        # one alternation of all fields at every quote.
+        # with its field's name, which the regex engine finds faster than it tries one
+        # alternation of all fields at every quote.
         self._misfits = [re.compile(misfit) for misfit in misfits]
         strict = msgspec.defstruct(f"Fast{record.__name__}", fields, kw_only=True)
         self._decoder = msgspec.json.Decoder(msgspec.defstruct("Page", [("data", list[strict])]))
