@@ -685,6 +685,7 @@ def test_a_source_that_changed_throughout_is_reingested_exactly(
     assert [c["last_name"] for c in served] == [f"Moved{n}" for n in range(1, 61)]
 
 
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="pipes resize on Linux")
 def test_prepared_pages_come_back_through_a_pipe_that_holds_a_whole_page():
     pool = ProcessPoolExecutor(1, ingest._worker_context())
     try:
