@@ -6,13 +6,13 @@ import json
 import threading
 import time
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import xxhash
 from pipeline_service import ingest
+from pipeline_service.config import Settings
 from pipeline_service.ingest import INGEST_LOCK_ID, PageWriter, storable_json
 from pipeline_service.resources import RESOURCES
 
@@ -686,14 +686,55 @@ def test_a_source_that_changed_throughout_is_reingested_exactly(
 
 
 @pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="pipes resize on Linux")
-def test_prepared_pages_come_back_through_a_pipe_that_holds_a_whole_page():
-    pool = ProcessPoolExecutor(1, ingest._worker_context())
+def test_a_widened_pipe_holds_a_whole_page():
+    reader, writer = ingest._worker_context().Pipe(duplex=False)
     try:
-        assert ingest.widen_result_pipe(pool)
-        reader = pool._result_queue._reader
+        assert ingest.widen_pipe(reader)
         assert fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ) >= ingest.RESULT_PIPE_BYTES
     finally:
-        pool.shutdown()
+        reader.close()
+        writer.close()
+
+
+def worker_settings(source_url: str) -> Settings:
+    return Settings(
+        _env_file=None,
+        database_url="postgresql://unused@127.0.0.1/unused",
+        mock_server_url=source_url,
+        ingest_page_size=10,
+        source_max_attempts=1,
+    )
+
+
+def test_page_workers_answer_in_the_order_asked_and_pass_errors_on(serve_source):
+    source = serve_source(customers=[customer(n) for n in range(1, 41)])
+    workers = ingest.PageWorkers(2, worker_settings(source.url))
+    try:
+        for page_no in (1, 3, 5):
+            workers.ask(page_no % 2, "customers", page_no, False)
+        workers.ask(0, "customers", 0, False)  # the source answers 400 to page 0
+        assert workers.answer(1).prepared.keys[0] == ("C00001",)
+        assert workers.answer(1).prepared.keys[0] == ("C00021",)
+        assert workers.answer(1).fetched == 0  # page 5 is past the end
+        with pytest.raises(ingest.SourceError, match="400"):
+            workers.answer(0)
+    finally:
+        workers.close()
+    assert [p.exitcode for p in workers.processes] == [0, 0]
+
+
+def test_a_page_worker_that_dies_fails_the_wait_for_its_page(serve_source):
+    source = serve_source(customers=[customer(n) for n in range(1, 41)])
+    workers = ingest.PageWorkers(1, worker_settings(source.url))
+    try:
+        (process,) = workers.processes
+        process.kill()
+        process.join(10)
+        with pytest.raises(ingest.WorkerStopped, match="stopped unexpectedly"):
+            workers.ask(0, "customers", 1, False)
+            workers.answer(0)
+    finally:
+        workers.close()
 
 
 def test_worker_processes_send_raw_pages_on_a_reingest(serve_source, make_client, db, raw_pages):
