@@ -72,9 +72,9 @@ PROCESS_POOL_MIN_PAGES = 8
 
 digest = xxh3_128_hexdigest
 """The digest by which a stored record is recognised, of its fields' CSV row or of its
-bytes: 128-bit XXH3 as 32 hex digits, stored as a uuid. A fast hash, not a cryptographic
-one: only the source could make two of its records collide, and would only hide its own
-change. Versions before XXH3 stored md5 digests (see :meth:`PageWriter.changed`)."""
+bytes: 128-bit XXH3 as 32 hex digits, stored as its 16 bytes (bytea). A fast hash, not a
+cryptographic one: only the source could make two of its records collide, and would only
+hide its own change. Versions before XXH3 stored md5 digests (see :meth:`PageWriter.changed`)."""
 
 
 class IngestBusy(Exception):
@@ -341,7 +341,7 @@ class PageWriter:
             k = resource.key[0]
 
             def read(columns: Sequence[str]) -> str:
-                hexes = ", ".join(f"encode(uuid_send({c}), 'hex')" for c in columns)
+                hexes = ", ".join(f"encode({c}, 'hex')" for c in columns)
                 return (
                     f'SELECT "{k}", {hexes} FROM "{target}" '
                     f'WHERE "{k}" BETWEEN %(low)s AND %(high)s ORDER BY "{k}" LIMIT %(most)s'
@@ -350,9 +350,11 @@ class PageWriter:
             self.read_digests = read(digests)
             if self.keeps_bytes_digest:
                 self.read_bytes_digests = read(["source_bytes_hash"])
-            renewed = ["source_hash = v.digest::uuid"]
+            renewed = ["source_hash = decode(v.digest, 'hex')"]
             if self.keeps_bytes_digest:
-                renewed.append("source_bytes_hash = coalesce(v.bytes::uuid, t.source_bytes_hash)")
+                renewed.append(
+                    "source_bytes_hash = coalesce(decode(v.bytes, 'hex'), t.source_bytes_hash)"
+                )
             self.renew_sql = (
                 f'UPDATE "{target}" t SET {", ".join(renewed)} '
                 "FROM unnest(%(keys)s::text[], %(digests)s::text[], %(bytes)s::text[]) "
@@ -362,9 +364,10 @@ class PageWriter:
             self.find_changed = text(
                 f"""
                 SELECT coalesce(array_agg(u.i), '{{}}')
-                FROM unnest(CAST(:digests AS uuid[])) WITH ORDINALITY u(h, i)
+                FROM unnest(CAST(:digests AS text[])) WITH ORDINALITY u(h, i)
                 LEFT JOIN LATERAL (
-                    SELECT true AS stored FROM "{target}" t WHERE t.source_hash = u.h LIMIT 1
+                    SELECT true AS stored FROM "{target}" t
+                    WHERE t.source_hash = decode(u.h, 'hex') LIMIT 1
                 ) found ON true
                 WHERE found.stored IS NULL
                 """
@@ -408,9 +411,10 @@ class PageWriter:
         digests = list(map(digest, rows))
         ends: Iterable[bytes] = itertools.repeat(b"")
         if self.keeps_bytes_digest:
-            ends = [b',"%s"' % b.encode() if b else b",null" for b in bytes_digests]
+            ends = [b",\\x%s" % b.encode() if b else b",null" for b in bytes_digests]
+        # bytea in its hex form, unquoted: CSV takes the backslash as it is.
         lines = [
-            b'%s,"%s"%s' % (r, d.encode(), e) for r, d, e in zip(rows, digests, ends, strict=False)
+            b"%s,\\x%s%s" % (r, d.encode(), e) for r, d, e in zip(rows, digests, ends, strict=False)
         ]
         return lines, digests
 

@@ -1,6 +1,5 @@
 """SQLAlchemy models: the tables the ingest writes and the API re-serves."""
 
-import uuid
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -16,12 +15,12 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     SmallInteger,
     String,
     Text,
-    Uuid,
     false,
     func,
     true,
@@ -54,7 +53,7 @@ class _Bookkeeping:
     """When the ingest first stored a row, when it last changed it, and a hash of the source
     record it last took in (so an unchanged source record is never written again)."""
 
-    source_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    source_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     ingested_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
@@ -65,7 +64,7 @@ class _BytesDigest:
     """A hash of the source record's JSON exactly as the source wrote it: a re-ingest skips
     a record whose bytes it has stored without parsing or validating it again."""
 
-    source_bytes_hash: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    source_bytes_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class Customer(_Bookkeeping, _BytesDigest, Base):

@@ -521,7 +521,7 @@ def processes_started_in(directory) -> list[int]:
 
 def stored_bytes_hashes(db) -> dict[str, str]:
     with db.cursor() as cur:
-        cur.execute("SELECT customer_id, replace(source_bytes_hash::text, '-', '') FROM customers")
+        cur.execute("SELECT customer_id, encode(source_bytes_hash, 'hex') FROM customers")
         return dict(cur.fetchall())
 
 
@@ -637,8 +637,8 @@ def test_records_stored_by_an_earlier_version_keep_their_api_status(
             key = record["machine_id"]
             served = urllib.request.urlopen(f"{source.url}/api/machines/{key}").read()
             cur.execute(
-                "UPDATE machines SET source_hash = %s, source_bytes_hash = %s"
-                " WHERE machine_id = %s",
+                "UPDATE machines SET source_hash = decode(%s, 'hex'),"
+                " source_bytes_hash = decode(%s, 'hex') WHERE machine_id = %s",
                 (hashlib.md5(row).hexdigest(), hashlib.md5(served).hexdigest(), key),
             )
     stored = stored_rows(db, "machines")
