@@ -376,38 +376,48 @@ class PageWriter:
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
-    def csv_row(self, record: dict[str, Any]) -> bytes:
-        """The fields of one valid record as a CSV row."""
+    def values(self, record: dict[str, Any]) -> tuple:
+        """The fields of one valid record, in column order (None for one left out)."""
         try:
-            values = self._values(record)
+            return self._values(record)
         except KeyError:  # optional fields left out of the record
-            values = self._values({**self._nulls, **record})
+            return self._values({**self._nulls, **record})
+
+    def csv_rows(self, records: Sequence[dict[str, Any]]) -> list[bytes]:
+        """The fields of each valid record as a CSV row."""
+        try:
+            values = list(map(self._values, records))
+        except KeyError:
+            values = list(map(self.values, records))
+        return self.csv_rows_of(values)
+
+    def csv_rows_of(self, values: Sequence[tuple]) -> list[bytes]:
+        """:meth:`csv_rows` from records' :meth:`values`. The whole page is rendered in one
+        call when it can be, giving the very same rows."""
+        try:
+            dumped = orjson.dumps(values)
+        except TypeError:  # an integer beyond 64 bits, valid only in a float column
+            dumped = None
+        if dumped is not None and b"\\" not in dumped:
+            rows = dumped[2:-2].split(b"],[")
+            # Splitting is exact when "],[" occurs only between records, never in a value.
+            if len(rows) == len(values):
+                return rows
+        return list(map(self._csv_row, values))
+
+    @staticmethod
+    def _csv_row(values: tuple) -> bytes:
         row = _dumps(values)[1:-1]
         if b"\\" in row:  # JSON escapes other than \" and \\ mean nothing to CSV
             row = b",".join(_csv_value(v) for v in values)
         return row
 
-    def csv_rows(self, records: Sequence[dict[str, Any]]) -> list[bytes]:
-        """:meth:`csv_row` of each record. The whole page is rendered in one call when it
-        can be, giving the very same rows."""
-        try:
-            dumped = orjson.dumps([self._values(r) for r in records])
-        except (TypeError, KeyError):
-            dumped = None
-        if dumped is not None and b"\\" not in dumped:
-            rows = dumped[2:-2].split(b"],[")
-            # Splitting is exact when "],[" occurs only between records, never in a value.
-            if len(rows) == len(records):
-                return rows
-        return [self.csv_row(r) for r in records]
-
     def csv_lines(
-        self, records: Sequence[dict[str, Any]], bytes_digests: Sequence[str | None]
+        self, rows: Sequence[bytes], bytes_digests: Sequence[str | None]
     ) -> tuple[list[bytes], list[str]]:
-        """The CSV line of each valid record and its :data:`digest`, of its fields' row.
-        A line holds the row, the digest and, where the table keeps it, the record's
-        ``bytes_digests`` entry (null if unknown)."""
-        rows = self.csv_rows(records)
+        """The CSV line of each of ``rows`` (:meth:`csv_rows`) and its :data:`digest`, of
+        the fields' row. A line holds the row, the digest and, where the table keeps it,
+        the record's ``bytes_digests`` entry (null if unknown)."""
         digests = list(map(digest, rows))
         ends: Iterable[bytes] = itertools.repeat(b"")
         if self.keeps_bytes_digest:
@@ -762,9 +772,26 @@ def prepare_columns(
     """:func:`prepare_records`, column by column, with the digests of the records' bytes
     where known."""
     bytes_digests = bytes_digests or [None] * len(valid)
-    lines, digests = writer.csv_lines(valid, bytes_digests)
+    lines, digests = writer.csv_lines(writer.csv_rows(valid), bytes_digests)
     raws = list(valid) if resource.parent is not None else None
     return Columns(resource.canonical_keys(valid), lines, digests, bytes_digests, raws)
+
+
+def prepare_values(
+    resource: Resource, writer: "PageWriter", fetched: SourcePage, values: list[tuple]
+) -> PreparedPage:
+    """A fetched page of a resource keyed by one text column and without a parent, all of
+    whose records are valid, prepared as :func:`prepare_page` would from its records'
+    field values (:meth:`PageValidator.valid_values`): the page is parsed once."""
+    digests = bytes_digests(fetched)
+    keys = list(map(itemgetter(resource.fields.index(resource.key[0])), values))
+    if len(set(keys)) < len(keys):  # the later record wins
+        last = sorted({key: i for i, key in enumerate(keys)}.values())
+        keys, values = [keys[i] for i in last], [values[i] for i in last]
+        digests = [digests[i] for i in last]
+    lines, field_digests = writer.csv_lines(writer.csv_rows_of(values), digests)
+    columns = Columns(list(zip(keys)), lines, field_digests, digests, None)
+    return PreparedPage(fetched.total, len(fetched.raws), columns, [])
 
 
 class PageMaker:
@@ -790,14 +817,23 @@ class PageMaker:
         """Page ``page_no`` prepared; with ``raw``, as a :class:`RawPage` where the
         resource's key is one column and every record's key is a string."""
         resource = RESOURCES[resource_name]
+        # Pages of records with one text key and no parent are parsed once where valid.
+        by_values = resource_name in self.key_readers and resource.parent is None
         raw = raw and resource_name in self.key_readers
-        fetched = self.client.get_page(resource.source_path, page_no, self.page_size, parse=not raw)
+        path, size = resource.source_path, self.page_size
+        fetched = self.client.get_page(path, page_no, size, parse=not (raw or by_values))
+        writer = self.writers[resource_name]
         if fetched.records is None:
-            keys = self._read_keys(resource, fetched.body)
+            keys = self._read_keys(resource, fetched.body) if raw else None
             if keys is not None:
                 return RawPage(fetched.total, keys, bytes_digests(fetched), fetched.body)
+            values = resource.page_validator.valid_values(fetched.body) if by_values else None
+            if values is not None:
+                return prepare_values(resource, writer, fetched, values)
             fetched.records = parse_json(fetched.body)["data"]
-        return prepare_page(resource, self.writers[resource_name], fetched)
+            if by_values:  # the whole page was checked already: record by record now
+                fetched.body = None
+        return prepare_page(resource, writer, fetched)
 
     def _read_keys(self, resource: Resource, body: bytes) -> list[str] | None:
         """The key of each record of a page, read alone; None unless every one is a string

@@ -10,6 +10,7 @@ import math
 import re
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from operator import attrgetter
 from types import UnionType
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
@@ -201,22 +202,28 @@ class PageValidator:
     model would accept every record too, and is cheap enough to run on every page (a
     tenth of the model's cost). It decodes the body into a msgspec type translated from
     the record model, field by field, where each translation accepts no more than the
-    model does; what the translation cannot express is checked on the body itself:
-    timestamps in the exact form the model allows, numbers within their digits, and no
-    ``\\u`` escape at all (the only way NUL and lone surrogates can arrive). It never rejects
-    a record itself; a ``False`` only means "look closer", record by record.
+    model does. Values stay as JSON gives them (strings, numbers, null), so that a valid
+    page's records need no second parse; dates, timestamps and measurements are then
+    checked column by column as msgspec reads those types. What the translation cannot
+    express is checked on the body itself: timestamps in the exact form the model allows,
+    numbers within their digits, and no ``\\u`` escape at all (the only way NUL and lone
+    surrogates can arrive). It never rejects a record itself; a "no" only means "look
+    closer", record by record.
     """
 
     def __init__(self, record: type[BaseModel]) -> None:
-        fields, misfits = [], []
-        for name, info in record.model_fields.items():
-            fast, value_format = _fast_type(name, info.annotation, info.metadata)
+        fields, misfits, checks = [], [], []
+        for place, (name, info) in enumerate(record.model_fields.items()):
+            native, checked, value_format = _fast_type(name, info.annotation, info.metadata)
             default = msgspec.NODEFAULT if info.is_required() else info.default
-            fields.append((name, fast, default))
+            fields.append((name, native, default))
+            if checked is not None:
+                checks.append((place, list[checked]))
             if value_format is not None:
                 # "name": and a value not of the form; such a key cannot occur inside a JSON
-                # string, where a quote is always escaped.
-                key = b'"' + re.escape(name.encode()) + rb'"\s*:\s*'
+                # string, where a quote is always escaped. The spaces before the value are
+                # taken possessively: given back, a space would itself be "not of the form".
+                key = b'"' + re.escape(name.encode()) + rb'"\s*:\s*+'
                 if value_format is _TIMESTAMP:  # a string, else msgspec's type check decides
                     misfits.append(key + b'"(?!(?:' + value_format.pattern.encode() + b')")')
                 else:
@@ -226,36 +233,52 @@ class PageValidator:
         # with its field's name, which the regex engine finds faster than it tries one
         # alternation of all fields at every quote.
         self._misfits = [re.compile(misfit) for misfit in misfits]
+        self._checks = checks
         strict = msgspec.defstruct(f"Fast{record.__name__}", fields, kw_only=True)
         self._decoder = msgspec.json.Decoder(msgspec.defstruct("Page", [("data", list[strict])]))
+        self._values = attrgetter(*record.model_fields)
+
+    def valid_values(self, body: bytes) -> list[tuple] | None:
+        """If every record of the page is valid: each record's field values in the model's
+        field order, the very values a JSON parser reads (a field left out is None).
+        Otherwise None."""
+        if b"\\" in body and b"\\u" in body:  # a one-byte search first: many times faster
+            return None
+        if any(misfit.search(body) for misfit in self._misfits):
+            return None
+        try:
+            records = self._decoder.decode(body).data
+        except msgspec.DecodeError:  # an invalid record, or a body that is not JSON
+            return None
+        values = list(map(self._values, records))
+        for place, column_type in self._checks:
+            try:
+                msgspec.convert([row[place] for row in values], column_type)
+            except msgspec.ValidationError:
+                return None
+        return values
 
     def all_valid(self, body: bytes) -> bool:
-        if b"\\" in body and b"\\u" in body:  # a one-byte search first: many times faster
-            return False
-        if any(misfit.search(body) for misfit in self._misfits):
-            return False
-        try:
-            self._decoder.decode(body)
-        except msgspec.DecodeError:  # an invalid record, or a body that is not JSON
-            return False
-        return True
+        return self.valid_values(body) is not None
 
 
 _KNOWN_CHECKS = {_require_string, _storable_text, _require_iso_date, _require_timestamp}
 
 
-def _fast_type(name: str, annotation: Any, metadata: list[Any]) -> tuple[Any, Any]:
-    """The msgspec type for a record field, and the pattern every value of it must match in
-    the body (or None). Raises TypeError for a field it cannot translate faithfully."""
+def _fast_type(name: str, annotation: Any, metadata: list[Any]) -> tuple[Any, Any, Any]:
+    """For a record field: the msgspec type its values decode to (as JSON gives them), the
+    msgspec type the column of those values must also convert to (or None), and the pattern
+    every value must match in the body (or None). Raises TypeError for a field it cannot
+    translate faithfully."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, UnionType) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
-        fast, value_format = _fast_type(name, inner, metadata)
-        return fast | None, value_format
+        native, checked, value_format = _fast_type(name, inner, metadata)
+        return native | None, None if checked is None else checked | None, value_format
     if origin is Annotated:
         return _fast_type(name, args[0], [*annotation.__metadata__, *metadata])
     if origin is Literal:
-        return annotation, None
+        return annotation, None, None
     lengths, digits = {}, None
     for item in metadata:
         if isinstance(item, StringConstraints):
@@ -274,16 +297,17 @@ def _fast_type(name: str, annotation: Any, metadata: list[Any]) -> tuple[Any, An
         else:
             raise TypeError(f"field {name}: no fast-path check for {item!r}")
     if annotation is str:
-        return Annotated[str, msgspec.Meta(**lengths)], None
+        return Annotated[str, msgspec.Meta(**lengths)], None, None
     if annotation is date:
-        return date, None
+        return str, date, None
     if annotation is AwareDatetime:
-        return Annotated[datetime, msgspec.Meta(tz=True)], _TIMESTAMP
+        return str, Annotated[datetime, msgspec.Meta(tz=True)], _TIMESTAMP
+    # int | float keeps 5 an int, as JSON parsers do; the column must still convert to float
     if annotation is float:
-        return float, None
+        return int | float, float, None
     if annotation is Decimal and digits is not None:
         max_digits, places = digits
         whole = max_digits - places
         number = rf"-?(?:0|[1-9]\d{{0,{whole - 1}}})(?:\.\d{{1,{places}}})?"
-        return float, re.compile(number)
+        return int | float, None, re.compile(number)  # within its digits: always a float
     raise TypeError(f"field {name}: no fast-path type for {annotation!r}")

@@ -541,6 +541,25 @@ def test_the_bytes_hash_is_the_xxh3_of_the_record_as_served(serve_source, make_c
         assert stored == xxhash.xxh3_128_hexdigest(served)
 
 
+def test_pages_parsed_once_store_the_digests_of_records_parsed_in_full(
+    serve_source, make_client, db
+):
+    # Valid pages are parsed once, to their records' field values (worker processes take
+    # all but the first of these twelve); rows and digests must be those that the same
+    # records parsed in full give. Integers stay integers; left-out fields are null.
+    records = [customer(n, account_balance=n if n % 2 else n + 0.5) for n in range(1, 121)]
+    for record in records[::3]:
+        del record["phone"]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
+    client.post("/api/ingest?resource=customers")
+    rows = PageWriter(RESOURCES["customers"]).csv_rows(records)
+    with db.cursor() as cur:
+        cur.execute("SELECT customer_id, encode(source_hash, 'hex') FROM customers")
+        stored = dict(cur.fetchall())
+    keys = [record["customer_id"] for record in records]
+    assert stored == dict(zip(keys, map(xxhash.xxh3_128_hexdigest, rows), strict=True))
+
+
 @pytest.fixture
 def raw_pages(monkeypatch) -> list[int]:
     """For each page that reaches the writer unparsed, how many of its records it parses."""
