@@ -67,7 +67,7 @@ from pipeline_service.source import (
 log = logging.getLogger(__name__)
 
 INGEST_LOCK_ID = 0x1A6E_57  # pg advisory lock key shared by every pipeline process
-PROCESS_POOL_MIN_PAGES = 8
+WORKER_PROCESSES_MIN_PAGES = 8
 """Fewer pages left than this are prepared in threads: starting worker processes costs more."""
 
 digest = xxh3_128_hexdigest
@@ -1260,7 +1260,7 @@ class Ingest:
     def _pages_ahead(
         self, maker: PageMaker, resource: Resource, page_numbers: range, mode: "PageMode"
     ) -> Iterator[tuple[int, PreparedPage | RawPage]]:
-        if self.workers and len(page_numbers) >= PROCESS_POOL_MIN_PAGES:
+        if self.workers and len(page_numbers) >= WORKER_PROCESSES_MIN_PAGES:
             yield from self._pages_from_workers(resource, page_numbers, mode)
             return
         pool = ThreadPoolExecutor(2, "fetch")
