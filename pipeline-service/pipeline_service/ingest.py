@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -176,10 +176,15 @@ def check_page(resource: Resource, fetched: SourcePage) -> ValidatedPage:
     digests = bytes_digests(fetched)
     if fetched.body is None or not resource.page_validator.all_valid(fetched.body):
         return validate_page(resource, fetched.records, digests)
-    key_of = itemgetter(*resource.key)
-    last = sorted({key_of(raw): i for i, raw in enumerate(fetched.records)}.values())
+    last = later_wins(list(map(itemgetter(*resource.key), fetched.records)))
     records = fetched.records
     return ValidatedPage([records[i] for i in last], [digests[i] for i in last])
+
+
+def later_wins(keys: Sequence[Hashable]) -> list[int]:
+    """The places in ``keys`` to keep so that each key stays once, at its last place (the
+    later record wins), in order."""
+    return sorted({key: i for i, key in enumerate(keys)}.values())
 
 
 def _raw_key(resource: Resource, raw: Any) -> str | None:
@@ -785,8 +790,8 @@ def prepare_values(
     field values (:meth:`PageValidator.valid_values`): the page is parsed once."""
     digests = bytes_digests(fetched)
     keys = list(map(itemgetter(resource.fields.index(resource.key[0])), values))
-    if len(set(keys)) < len(keys):  # the later record wins
-        last = sorted({key: i for i, key in enumerate(keys)}.values())
+    if len(set(keys)) < len(keys):
+        last = later_wins(keys)
         keys, values = [keys[i] for i in last], [values[i] for i in last]
         digests = [digests[i] for i in last]
     lines, field_digests = writer.csv_lines(writer.csv_rows_of(values), digests)
@@ -1260,60 +1265,58 @@ class Ingest:
     def _pages_ahead(
         self, maker: PageMaker, resource: Resource, page_numbers: range, mode: "PageMode"
     ) -> Iterator[tuple[int, PreparedPage | RawPage]]:
+        """Pages fetched and prepared a few ahead of the caller: by worker processes (page
+        ``n`` from worker ``n % workers``, one page more asked for than there are workers)
+        when enough pages remain to repay starting them, else by two threads."""
+        ask: Callable[[int], None]
+        answer: Callable[[int], PreparedPage | RawPage]
         if self.workers and len(page_numbers) >= WORKER_PROCESSES_MIN_PAGES:
-            yield from self._pages_from_workers(resource, page_numbers, mode)
-            return
-        pool = ThreadPoolExecutor(2, "fetch")
-        upcoming = iter(page_numbers)
-        window: deque[tuple[int, Future]] = deque()
+            workers = PageWorkers(self.workers, self.settings)
 
-        def schedule() -> None:
-            page_no = next(upcoming, None)
-            if page_no is not None:
-                window.append((page_no, pool.submit(maker, resource.name, page_no, mode.raw)))
+            def ask(page_no: int) -> None:
+                workers.ask(page_no % len(workers), resource.name, page_no, mode.raw)
 
-        try:
-            for _ in range(2):
-                schedule()
-            while window:
-                page_no, future = window.popleft()
-                page = future.result()
-                if not page.fetched:
-                    log.info("%s: page %d was empty; stopping", resource.name, page_no)
-                    return
-                schedule()
-                yield page_no, page
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            def answer(page_no: int) -> PreparedPage | RawPage:
+                return workers.answer(page_no % len(workers))
 
-    def _pages_from_workers(
-        self, resource: Resource, page_numbers: range, mode: "PageMode"
-    ) -> Iterator[tuple[int, PreparedPage | RawPage]]:
-        """Pages from worker processes, page ``n`` from worker ``n % workers``, one page
-        more asked for than there are workers."""
-        workers = PageWorkers(self.workers, self.settings)
+            ahead, close = len(workers) + 1, workers.close
+        else:
+            pool = ThreadPoolExecutor(2, "fetch")
+            futures: dict[int, Future] = {}
+
+            def ask(page_no: int) -> None:
+                futures[page_no] = pool.submit(maker, resource.name, page_no, mode.raw)
+
+            def answer(page_no: int) -> PreparedPage | RawPage:
+                return futures.pop(page_no).result()
+
+            ahead = 2
+
+            def close() -> None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
         upcoming = iter(page_numbers)
         window: deque[int] = deque()
 
         def schedule() -> None:
             page_no = next(upcoming, None)
             if page_no is not None:
-                workers.ask(page_no % len(workers), resource.name, page_no, mode.raw)
+                ask(page_no)
                 window.append(page_no)
 
         try:
-            for _ in range(len(workers) + 1):
+            for _ in range(ahead):
                 schedule()
             while window:
                 page_no = window.popleft()
-                page = workers.answer(page_no % len(workers))
+                page = answer(page_no)
                 if not page.fetched:
                     log.info("%s: page %d was empty; stopping", resource.name, page_no)
                     return
                 schedule()
                 yield page_no, page
         finally:
-            workers.close()
+            close()
 
     def _finish(self, run_id: int, status: str, error: str | None = None) -> None:
         with self.engine.begin() as conn:
