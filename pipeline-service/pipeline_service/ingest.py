@@ -13,7 +13,10 @@ this process writes them in order (:class:`PageWriter`): a page of new keys that
 after the stored ones with one COPY into the table, any other page with COPY into a
 temporary table and one ``INSERT ... ON CONFLICT``. On a re-ingest the workers send pages
 unparsed instead (:class:`RawPage`), and only the records whose bytes are not the stored
-ones are parsed, validated and rendered here.
+ones are parsed, validated and rendered here. Two pages are written at once, each on its
+own connection, while the earlier one's outcome is foreseeable
+(:meth:`PageTransactions.write_ahead`): they commit in page order, and a page whose outcome
+turns out otherwise is rolled back and written again in turn.
 """
 
 import fcntl
@@ -31,7 +34,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -69,6 +72,8 @@ log = logging.getLogger(__name__)
 INGEST_LOCK_ID = 0x1A6E_57  # pg advisory lock key shared by every pipeline process
 WORKER_PROCESSES_MIN_PAGES = 8
 """Fewer pages left than this are prepared in threads: starting worker processes costs more."""
+PAGES_WRITTEN_AT_ONCE = 2
+"""Pages written at the same time, each in its own transaction (see :class:`Ahead`)."""
 
 digest = xxh3_128_hexdigest
 """The digest by which a stored record is recognised, of its fields' CSV row or of its
@@ -232,6 +237,16 @@ class Tail:
 
     key: str | None
     position: int
+
+
+class Append(NamedTuple):
+    """Records of new keys that sort after every stored one, ready to COPY into the table."""
+
+    data: bytes
+    """Their CSV lines in key order, each with its position."""
+    records: int
+    tail: Tail
+    """The tail once they are stored."""
 
 
 class PageWriter:
@@ -521,12 +536,10 @@ class PageWriter:
         key, position = conn.execute(self.read_tail).one()
         return Tail(key, position)
 
-    def append(self, conn: Connection, records: "Columns", tail: Tail | None) -> Tail | None:
+    def plan_append(self, records: "Columns", tail: Tail | None) -> "Append | None":
         """If every key of ``records`` (unique keys, of a positioned collection: one without
-        a parent) sorts after every stored key, so that none is stored, COPY them straight
-        into the table in ``conn``'s transaction, numbered on from ``tail.position`` in key
-        order, and return the new tail (the caller adds them to the collection's total).
-        Otherwise write nothing and return None."""
+        a parent) sorts after ``tail.key``, so that none is stored, the COPY that stores them
+        numbered on from ``tail.position`` in key order (:meth:`append`); otherwise None."""
         keys = records.keys
         if tail is None or not keys:
             return None
@@ -536,8 +549,13 @@ class PageWriter:
             return None
         lines = [records.lines[i] for i in order]
         numbered = zip(lines, itertools.count(tail.position + 1))
-        self._copy(conn, self.append_sql, b"\n".join(map(b"%s,%d".__mod__, numbered)))
-        return Tail(keys[order[-1]][0], tail.position + len(keys))
+        data = b"\n".join(map(b"%s,%d".__mod__, numbered))
+        return Append(data, len(keys), Tail(keys[order[-1]][0], tail.position + len(keys)))
+
+    def append(self, conn: Connection, plan: "Append") -> None:
+        """Store the records of ``plan`` (:meth:`plan_append`) in ``conn``'s transaction;
+        the caller adds them to the collection's total."""
+        self._copy(conn, self.append_sql, plan.data)
 
     def write(self, conn: Connection, records: Sequence[Prepared]) -> "Written":
         """Upsert ``records`` in ``conn``'s transaction, without committing; of records with
@@ -1015,12 +1033,15 @@ class PageMode:
     stored as they are (a re-ingest), else prepared in full by the workers."""
 
     raw: bool
+    stored_as_is: bool = False
+    """Every record of the last raw page was found stored as it is."""
 
     def observe(self, records: int, unrecognised: int) -> None:
         """Learn from a raw page of ``records`` of which ``unrecognised`` had other bytes
         than the stored ones. The writer prepares those alone, which pays only while they
         are few; once they are not, the rest of the pages come prepared in full."""
         self.raw = self.raw and unrecognised * 4 <= records
+        self.stored_as_is = unrecognised == 0
 
 
 @dataclass
@@ -1062,6 +1083,134 @@ PAGE_DONE = text(
     WHERE run_id = :run_id AND resource = :resource
     """
 )
+
+
+class Ahead(NamedTuple):
+    """A page being written while the pages before it may still be."""
+
+    page_no: int
+    page: "PreparedPage | RawPage"
+    tail: Tail | None
+    """The collection's tail once it has committed."""
+    done: Future
+    """True once committed; False if rolled back, to be written again in turn."""
+
+
+class _WriteInTurn(Exception):
+    """A page written ahead cannot commit as it is: roll it back."""
+
+
+class PageTransactions:
+    """The transactions that store one resource's pages in one run: each page's records
+    together with its rejections, its counts and the run's checkpoint."""
+
+    def __init__(
+        self, engine: Engine, run_id: int, resource: Resource, look_up: bool, mode: "PageMode"
+    ) -> None:
+        self.engine = engine
+        self.run_id = run_id
+        self.resource = resource
+        self.writer = PageWriter(resource)
+        self.look_up = look_up
+        """Whether records may be stored already (else the table was empty at the start)."""
+        self.mode = mode
+
+    def tail(self) -> Tail | None:
+        with self.engine.connect() as conn:
+            return self.writer.tail(conn)
+
+    def write(self, page_no: int, page: "PreparedPage | RawPage", tail: Tail | None) -> Tail | None:
+        """Store ``page`` with every page before it committed, ``tail`` being where they
+        left the collection; returns the tail once it has committed."""
+        writer = self.writer
+        with self.engine.begin() as conn:
+            # Records found stored as they are: by their bytes (a raw page), then by
+            # their fields (bytes that differ may still hold the stored fields).
+            skipped = 0
+            if isinstance(page, RawPage):
+                places = writer.changed_raw(conn, page)
+                self.mode.observe(page.fetched, len(places))
+                skipped = page.fetched - len(places)
+                page = prepare_raw(self.resource, writer, page, places)
+            rejected = page.rejected
+            append = writer.plan_append(page.prepared, tail)
+            if append is not None:  # all new: no record to look up
+                writer.append(conn, append)
+                written, tail = Written(append.records, 0, 0), append.tail
+            else:
+                records = page.records
+                if self.look_up and records:
+                    records, renewed = writer.changed(conn, page)
+                    writer.renew_digests(conn, renewed)
+                skipped += len(page.records) - len(records)
+                valid, orphans = split_orphans(conn, self.resource, records)
+                rejected = rejected + orphans
+                written = writer.write(conn, valid)
+                tail = writer.tail(conn) if written.inserted else tail
+            self._done(conn, page_no, page.fetched, written, skipped, rejected)
+        self._log_rejected(page_no, rejected)
+        return tail
+
+    def write_ahead(
+        self,
+        page_no: int,
+        page: "PreparedPage | RawPage",
+        append: Append | None,
+        before: Future | None,
+    ) -> bool:
+        """Store ``page`` while the page before it may still be writing (``before``, a
+        future of this method's answer): records of new keys as ``append`` says, or (a raw
+        page, ``append`` None) nothing, its records being found stored as they are. Only the
+        page's checkpoint waits for ``before`` to commit, so pages commit in order.
+
+        Returns True once committed. Returns False, having written nothing, when the raw
+        page has records to write or ``before`` did not commit: the caller writes the page
+        again, in turn (:meth:`write`). Raises what ``before`` raised."""
+        try:
+            with self.engine.begin() as conn:
+                if append is None:
+                    if self.writer.changed_raw(conn, page):
+                        raise _WriteInTurn
+                    written, skipped, rejected = Written(0, 0, 0), page.fetched, []
+                else:
+                    self.writer.append(conn, append)
+                    written, skipped, rejected = Written(append.records, 0, 0), 0, page.rejected
+                if before is not None and not before.result():
+                    raise _WriteInTurn
+                self._done(conn, page_no, page.fetched, written, skipped, rejected)
+        except _WriteInTurn:
+            return False
+        self._log_rejected(page_no, rejected)
+        return True
+
+    def _done(
+        self,
+        conn: Connection,
+        page_no: int,
+        fetched: int,
+        written: Written,
+        skipped: int,
+        rejected: Sequence[Rejection],
+    ) -> None:
+        store_rejections(conn, self.resource, rejected, self.run_id, page_no)
+        conn.execute(
+            PAGE_DONE,
+            {
+                "run_id": self.run_id,
+                "resource": self.resource.name,
+                "page_no": page_no,
+                "fetched": fetched,
+                "inserted": written.inserted,
+                "updated": written.updated,
+                "unchanged": written.unchanged + skipped,
+                "rejected": len(rejected),
+                "in_key_order": written.in_key_order,
+            },
+        )
+
+    def _log_rejected(self, page_no: int, rejected: Sequence[Rejection]) -> None:
+        if rejected:
+            log.info("%s page %d: %d rejected", self.resource.name, page_no, len(rejected))
 
 
 class Ingest:
@@ -1181,57 +1330,57 @@ class Ingest:
         return self.result(run_id)
 
     def _ingest_resource(self, run_id: int, resource: Resource, start_page: int) -> None:
-        writer = PageWriter(resource)
+        """Store every page of ``resource`` from ``start_page`` on, in page order. While
+        a page's outcome can be foreseen (new keys after the stored ones; on a re-ingest,
+        records stored as they are, as those of the last raw page were), the next page is
+        written beside it, on another connection; see :meth:`PageTransactions.write_ahead`."""
         with self.engine.connect() as conn:
             # Records of an empty table cannot be stored unchanged: no need to look for them.
             key = resource.key_columns[0]
             look_up = conn.execute(select(key).limit(1)).first() is not None
-            tail = writer.tail(conn)
         mode = PageMode(raw=look_up)
-        for page_no, page in self._pages(resource, start_page, mode):
-            with self.engine.begin() as conn:
-                # Records found stored as they are: by their bytes (a raw page), then by
-                # their fields (bytes that differ may still hold the stored fields).
-                skipped = 0
-                if isinstance(page, RawPage):
-                    places = writer.changed_raw(conn, page)
-                    mode.observe(page.fetched, len(places))
-                    skipped = page.fetched - len(places)
-                    page = prepare_raw(resource, writer, page, places)
-                rejected = page.rejected
-                appended = writer.append(conn, page.prepared, tail)
-                if appended is not None:  # all new: no record to look up
-                    written = Written(len(page.prepared.keys), 0, 0)
-                else:
-                    records = page.records
-                    if look_up and records:
-                        records, renewed = writer.changed(conn, page)
-                        writer.renew_digests(conn, renewed)
-                    skipped += len(page.records) - len(records)
-                    valid, orphans = split_orphans(conn, resource, records)
-                    rejected = rejected + orphans
-                    written = writer.write(conn, valid)
-                    appended = writer.tail(conn) if written.inserted else tail
-                store_rejections(conn, resource, rejected, run_id, page_no)
-                conn.execute(
-                    PAGE_DONE,
-                    {
-                        "run_id": run_id,
-                        "resource": resource.name,
-                        "page_no": page_no,
-                        "fetched": page.fetched,
-                        "inserted": written.inserted,
-                        "updated": written.updated,
-                        "unchanged": written.unchanged + skipped,
-                        "rejected": len(rejected),
-                        "in_key_order": written.in_key_order,
-                    },
-                )
-            tail = appended  # committed
-            if rejected:
-                log.info("%s page %d: %d rejected", resource.name, page_no, len(rejected))
+        pages = PageTransactions(self.engine, run_id, resource, look_up, mode)
+        committed = pages.tail()  # as the last committed page left it
+        ahead: deque[Ahead] = deque()
+        pool = ThreadPoolExecutor(PAGES_WRITTEN_AT_ONCE, "write")
+
+        def settle(most: int) -> None:
+            """Wait until at most ``most`` pages are being written ahead."""
+            nonlocal committed
+            while len(ahead) > most:
+                first = ahead.popleft()
+                if first.done.result():  # raises the page's error
+                    committed = first.tail
+                    if isinstance(first.page, RawPage):
+                        mode.observe(first.page.fetched, 0)
+                    continue
+                # Rolled back, and so is every page after it: write them again, in turn.
+                again = [first, *ahead]
+                ahead.clear()
+                wait([a.done for a in again])
+                for a in again:
+                    committed = pages.write(a.page_no, a.page, committed)
+
+        try:
+            for page_no, page in self._pages(resource, start_page, mode):
+                settle(PAGES_WRITTEN_AT_ONCE - 1)
+                tail = ahead[-1].tail if ahead else committed
+                append = None
+                if isinstance(page, PreparedPage):
+                    append = pages.writer.plan_append(page.prepared, tail)
+                # Otherwise the outcome depends on what is stored: write it in turn.
+                if append is None and not (isinstance(page, RawPage) and mode.stored_as_is):
+                    settle(0)
+                    committed = pages.write(page_no, page, committed)
+                    continue
+                before = ahead[-1].done if ahead else None
+                done = pool.submit(pages.write_ahead, page_no, page, append, before)
+                ahead.append(Ahead(page_no, page, append.tail if append else tail, done))
+            settle(0)
+        finally:
+            pool.shutdown(wait=True)
         with self.engine.begin() as conn:
-            writer.settle_positions(conn)
+            pages.writer.settle_positions(conn)
             conn.execute(
                 update(IngestRunResource)
                 .where(

@@ -348,6 +348,44 @@ def test_failed_run_resumes_from_its_last_committed_page(serve_source, make_clie
     assert client.get(f"/api/ingest/runs/{run_id}").json()["status"] == "succeeded"
 
 
+def test_a_page_written_ahead_commits_only_after_the_page_before_it(
+    serve_source, make_client, db, monkeypatch
+):
+    records = [customer(n) for n in range(1, 51)]
+    client = make_client(serve_source(customers=records).url, ingest_page_size=10)
+    fourth_copied = threading.Event()
+    real_append = PageWriter.append
+
+    def append_failing_on_page_3(writer, conn, plan):
+        real_append(writer, conn, plan)
+        if b"C00031" in plan.data:
+            fourth_copied.set()
+        if b"C00021" in plan.data:
+            # Fail only once page 4 is stored in its own, still open, transaction.
+            assert fourth_copied.wait(10), "page 4 was not written beside page 3"
+            raise RuntimeError("page 3 failed")
+
+    monkeypatch.setattr(PageWriter, "append", append_failing_on_page_3)
+    failed = client.post("/api/ingest?resource=customers")
+    assert failed.status_code == 500
+    assert fourth_copied.is_set()
+    with db.cursor() as cur:
+        cur.execute("SELECT id, status FROM ingest_runs")
+        ((run_id, status),) = cur.fetchall()
+        cur.execute("SELECT next_page, pages, inserted FROM ingest_run_resources")
+        assert cur.fetchone() == (3, 2, 20)
+    assert status == "failed"
+    assert count(db, "customers") == 20  # page 4 went with page 3
+
+    monkeypatch.setattr(PageWriter, "append", real_append)
+    resumed = client.post(f"/api/ingest?resume={run_id}")
+    assert resumed.status_code == 200
+    assert resumed.json()["resources"]["customers"]["inserted"] == 50
+    with db.cursor() as cur:
+        cur.execute("SELECT customer_id, position FROM customers ORDER BY customer_id")
+        assert cur.fetchall() == [(r["customer_id"], n) for n, r in enumerate(records, 1)]
+
+
 def test_only_a_failed_run_can_be_resumed(serve_source, make_client):
     client = make_client(serve_source(data_dir=SAMPLE_DATA_DIR).url)
     run_id = client.post("/api/ingest?resource=machines").json()["run_id"]
@@ -562,15 +600,16 @@ def test_pages_parsed_once_store_the_digests_of_records_parsed_in_full(
 
 @pytest.fixture
 def raw_pages(monkeypatch) -> list[int]:
-    """For each page that reaches the writer unparsed, how many of its records it parses."""
+    """For each page that reaches the writer unparsed, how many of its records it parses:
+    those it did not find stored as they are."""
     parsed: list[int] = []
-    real_prepare_raw = ingest.prepare_raw
+    real_observe = ingest.PageMode.observe
 
-    def counting_prepare_raw(resource, writer, page, places):
-        parsed.append(len(places))
-        return real_prepare_raw(resource, writer, page, places)
+    def counting_observe(mode, records, unrecognised):
+        parsed.append(unrecognised)
+        return real_observe(mode, records, unrecognised)
 
-    monkeypatch.setattr(ingest, "prepare_raw", counting_prepare_raw)
+    monkeypatch.setattr(ingest.PageMode, "observe", counting_observe)
     return parsed
 
 
