@@ -204,10 +204,10 @@ class PageValidator:
     the record model, field by field, where each translation accepts no more than the
     model does. Values stay as JSON gives them (strings, numbers, null), so that a valid
     page's records need no second parse; dates, timestamps and measurements are then
-    checked column by column as msgspec reads those types. What the translation cannot
-    express is checked on the body itself: timestamps in the exact form the model allows,
-    numbers within their digits, and no ``\\u`` escape at all (the only way NUL and lone
-    surrogates can arrive). It never rejects a record itself; a "no" only means "look
+    checked column by column as msgspec reads those types, timestamps also in the exact
+    form the model allows. What the translation cannot express is checked on the body
+    itself: numbers within their digits, and no ``\\u`` escape at all (the only way NUL and
+    lone surrogates can arrive). It never rejects a record itself; a "no" only means "look
     closer", record by record.
     """
 
@@ -217,18 +217,21 @@ class PageValidator:
             native, checked, value_format = _fast_type(name, info.annotation, info.metadata)
             default = msgspec.NODEFAULT if info.is_required() else info.default
             fields.append((name, native, default))
-            if checked is not None:
-                checks.append((place, list[checked]))
-            if value_format is not None:
+            column_form = None
+            if value_format is _TIMESTAMP:
+                # Decoded, timestamps stay strings: their column joined by NULs is checked
+                # at once. No string of a page that gets this far holds a NUL: JSON has no
+                # raw control characters, and pages with \u escapes are refused first.
+                column_form = re.compile(rf"(?:(?:{_TIMESTAMP.pattern})\x00)*{_TIMESTAMP.pattern}")
+            elif value_format is not None:
                 # "name": and a value not of the form; such a key cannot occur inside a JSON
                 # string, where a quote is always escaped. The spaces before the value are
                 # taken possessively: given back, a space would itself be "not of the form".
                 key = b'"' + re.escape(name.encode()) + rb'"\s*:\s*+'
-                if value_format is _TIMESTAMP:  # a string, else msgspec's type check decides
-                    misfits.append(key + b'"(?!(?:' + value_format.pattern.encode() + b')")')
-                else:
-                    form = value_format.pattern.encode()
-                    misfits.append(key + rb"(?!(?:" + form + rb"|null)[\s,}\]])")
+                form = value_format.pattern.encode()
+                misfits.append(key + rb"(?!(?:" + form + rb"|null)[\s,}\]])")
+            if checked is not None:
+                checks.append((place, list[checked], column_form))
         # A scan of the body per field finds any value not of its form: each pattern starts
         # with its field's name, which the regex engine finds faster than it tries one
         # alternation of all fields at every quote.
@@ -251,9 +254,14 @@ class PageValidator:
         except msgspec.DecodeError:  # an invalid record, or a body that is not JSON
             return None
         values = list(map(self._values, records))
-        for place, column_type in self._checks:
+        for place, column_type, column_form in self._checks:
+            column = [row[place] for row in values]
+            if column_form is not None:
+                present = "\x00".join([value for value in column if value is not None])
+                if present and not column_form.fullmatch(present):
+                    return None
             try:
-                msgspec.convert([row[place] for row in values], column_type)
+                msgspec.convert(column, column_type)
             except msgspec.ValidationError:
                 return None
         return values

@@ -124,9 +124,32 @@ def test_the_fast_path_takes_ordinary_valid_pages(resource_name):
         b'"email": "a@b.c", "created_at": "2024-01-01T00:00:00Z"}]}',
         b'{"data": [{"customer_id": "C1", "first_name": "A", "last_name": "B", '
         b'"email": "a@b.c", "created_at": "2024-01-01T00:00:00"}]}',
+        *(
+            # Timestamps msgspec reads but the model refuses, after a valid one.
+            b'{"data": [{"customer_id": "C1", "first_name": "A", "last_name": "B", '
+            b'"email": "a@b.c", "created_at": "2024-01-01T00:00:00Z"}, {"customer_id": "C2", '
+            b'"first_name": "A", "last_name": "B", "email": "a@b.c", "created_at": "%s"}]}' % form
+            for form in [
+                b"2024-01-01t00:00:00z",
+                b"2024-01-01 00:00:00Z",
+                b"2024-01-01T00:00:00.1234567Z",
+                b"2024-01-01T00:00:00+16:00",
+            ]
+        ),
         b'{"data": [{"customer_id": "C1"}',
     ],
-    ids=["repeated-key", "exponent", "three-places", "nul-escape", "no-offset", "cut-short"],
+    ids=[
+        "repeated-key",
+        "exponent",
+        "three-places",
+        "nul-escape",
+        "no-offset",
+        "lowercase",
+        "space",
+        "seven-digits",
+        "offset-16h",
+        "cut-short",
+    ],
 )
 def test_the_fast_path_leaves_doubtful_pages_to_the_record_by_record_check(body):
     assert not RESOURCES["customers"].page_validator.all_valid(body)
