@@ -393,6 +393,12 @@ class PageWriter:
                 """
             )
         self._by_key = len(resource.key) == 1
+        if self._by_key:
+            # Decoders of a record's key alone, as a string, from one record or a page.
+            (self._key,) = resource.key
+            key = msgspec.defstruct("Key", [(self._key, str)])
+            self._record_key = msgspec.json.Decoder(key)
+            self._page_keys = msgspec.json.Decoder(msgspec.defstruct("Keys", [("data", list[key])]))
         self._nulls = dict.fromkeys(self.fields)
         self._values = itemgetter(*self.fields)
 
@@ -448,12 +454,13 @@ class PageWriter:
         ]
         return lines, digests
 
-    def stored_digests(self, conn: Connection, keys: Sequence[str], query: str) -> list[tuple]:
+    def stored_digests(
+        self, conn: Connection, low: str, high: str, records: int, query: str
+    ) -> list[tuple]:
         """Stored rows as ``query`` reads them (:attr:`read_digests`, all digests, or
-        :attr:`read_bytes_digests`): the key, then digests. Among them the rows of ``keys``
-        (for a one-column key)."""
-        bounds = {"low": min(keys), "high": max(keys), "most": 2 * len(keys)}
-        # Python compares strings as the keys' "C" collation does: by code points.
+        :attr:`read_bytes_digests`): the key, then digests, of keys from ``low`` to ``high``
+        (a one-column key), at most twice as many as ``records``, the records looked for."""
+        bounds = {"low": low, "high": high, "most": 2 * records}
         with closing(conn.connection.dbapi_connection.cursor()) as cursor:
             cursor.execute(query, bounds)
             return cursor.fetchall()
@@ -478,7 +485,8 @@ class PageWriter:
             numbers = set(found)  # 1-based, in the order of candidates
             stale = {d for i, d in enumerate(candidates.values(), 1) if i in numbers}
             return [r for r in page.records if r.key not in candidates or r.digest in stale], []
-        rows = self.stored_digests(conn, [key for (key,) in candidates], self.read_digests)
+        keys = [key for (key,) in candidates]
+        rows = self.stored_digests(conn, min(keys), max(keys), len(keys), self.read_digests)
         stored = {key: digests for key, *digests in rows}
         changed, renewed = [], []
         for record in page.records:
@@ -518,16 +526,52 @@ class PageWriter:
         """The places in ``page`` of the records whose bytes are not the stored ones: a
         row stored from these very bytes (which were valid) needs nothing. A key that
         occurs twice is always among them, so that the later record wins."""
-        keys = page.keys
-        if not keys:
+        digests = page.bytes_digests
+        low, high = page.bounds
+        query = self.read_bytes_digests
+        stored = dict(self.stored_digests(conn, low, high, len(digests), query))
+        # A row's digest is that of the very bytes it was stored from, its key among them,
+        # and a key is stored once: when the page's digests are distinct and each is a
+        # stored one, every record is stored as it is, each under a key of its own. Only
+        # otherwise are the keys read.
+        distinct = set(digests)
+        if len(distinct) == len(digests) and distinct <= set(stored.values()):
             return []
-        stored = dict(self.stored_digests(conn, keys, self.read_bytes_digests))
+        keys = self.page_keys(page.body)
+        if keys is None:
+            return list(range(len(digests)))
+        if min(keys) < low or max(keys) > high:
+            stored = dict(self.stored_digests(conn, min(keys), max(keys), len(keys), query))
         twice = repeated(keys)
         return [
             i
-            for i, key, digest in zip(itertools.count(), keys, page.bytes_digests, strict=False)
+            for i, (key, digest) in enumerate(zip(keys, digests, strict=True))
             if stored.get(key) != digest or key in twice
         ]
+
+    def key_bounds(self, raws: Sequence[msgspec.Raw]) -> tuple[str, str] | None:
+        """The keys of the first and the last of a page's records (``raws``, as the source
+        wrote them), least first; None unless both are strings PostgreSQL can compare."""
+        try:
+            first, last = (
+                getattr(self._record_key.decode(r), self._key) for r in (raws[0], raws[-1])
+            )
+        except msgspec.DecodeError:
+            return None
+        if "\x00" in first or "\x00" in last:
+            return None
+        return min(first, last), max(first, last)
+
+    def page_keys(self, body: bytes) -> list[str] | None:
+        """The key of each record of a page, read alone; None unless every one is a string
+        that PostgreSQL can compare (no NUL)."""
+        if b"\\" in body and b"\\u0000" in body:  # a one-byte search first: many times faster
+            return None
+        try:
+            page = self._page_keys.decode(body)
+        except msgspec.DecodeError:
+            return None
+        return [getattr(record, self._key) for record in page.data]
 
     def tail(self, conn: Connection) -> Tail | None:
         """Where records can be appended; None for a collection without positions."""
@@ -744,20 +788,22 @@ class PreparedPage:
 
 @dataclass
 class RawPage:
-    """A fetched page left as the source wrote it: each record's key and bytes digest, and
-    the body. When most records are stored already, only those whose bytes differ need
-    parsing, validating and rendering (:meth:`PageWriter.changed_raw`, :func:`prepare_raw`).
-    """
+    """A fetched page left as the source wrote it: each record's bytes digest, the keys of
+    its first and last records, and the body. When most records are stored already, only
+    those whose bytes differ need parsing, validating and rendering
+    (:meth:`PageWriter.changed_raw`, :func:`prepare_raw`)."""
 
     total: int
-    keys: list[str]
+    bounds: tuple[str, str]
+    """The least and the greatest key of its first and last records: where the stored
+    records are looked for first."""
     bytes_digests: list[str]
     body: bytes
     """Whole, not split into records: one buffer travels from a worker far cheaper."""
 
     @property
     def fetched(self) -> int:
-        return len(self.keys)
+        return len(self.bytes_digests)
 
 
 def prepare_page(resource: Resource, writer: "PageWriter", fetched: SourcePage) -> PreparedPage:
@@ -824,15 +870,6 @@ class PageMaker:
         self.client = SourceClient(settings)
         self.page_size = settings.ingest_page_size
         self.writers = {name: PageWriter(resource) for name, resource in RESOURCES.items()}
-        # Where the key is one column: a decoder of each record's key alone, as a string.
-        self.key_readers = {
-            name: msgspec.json.Decoder(
-                msgspec.defstruct("Keys", [("data", list[msgspec.defstruct("Key", [(k, str)])])])
-            )
-            for name, resource in RESOURCES.items()
-            if len(resource.key) == 1
-            for k in resource.key
-        }
 
     def __call__(
         self, resource_name: str, page_no: int, raw: bool = False
@@ -841,15 +878,16 @@ class PageMaker:
         resource's key is one column and every record's key is a string."""
         resource = RESOURCES[resource_name]
         # Pages of records with one text key and no parent are parsed once where valid.
-        by_values = resource_name in self.key_readers and resource.parent is None
-        raw = raw and resource_name in self.key_readers
+        by_key = len(resource.key) == 1
+        by_values = by_key and resource.parent is None
+        raw = raw and by_key
         path, size = resource.source_path, self.page_size
         fetched = self.client.get_page(path, page_no, size, parse=not (raw or by_values))
         writer = self.writers[resource_name]
         if fetched.records is None:
-            keys = self._read_keys(resource, fetched.body) if raw else None
-            if keys is not None:
-                return RawPage(fetched.total, keys, bytes_digests(fetched), fetched.body)
+            bounds = writer.key_bounds(fetched.raws) if raw and fetched.raws else None
+            if bounds is not None:
+                return RawPage(fetched.total, bounds, bytes_digests(fetched), fetched.body)
             values = resource.page_validator.valid_values(fetched.body) if by_values else None
             if values is not None:
                 return prepare_values(resource, writer, fetched, values)
@@ -857,18 +895,6 @@ class PageMaker:
             if by_values:  # the whole page was checked already: record by record now
                 fetched.body = None
         return prepare_page(resource, writer, fetched)
-
-    def _read_keys(self, resource: Resource, body: bytes) -> list[str] | None:
-        """The key of each record of a page, read alone; None unless every one is a string
-        that PostgreSQL can compare (no NUL)."""
-        if b"\\" in body and b"\\u0000" in body:  # a one-byte search first: many times faster
-            return None
-        try:
-            page = self.key_readers[resource.name].decode(body)
-        except msgspec.DecodeError:
-            return None
-        (name,) = resource.key
-        return [getattr(record, name) for record in page.data]
 
     def close(self) -> None:
         self.client.close()

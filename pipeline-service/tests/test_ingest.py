@@ -643,6 +643,32 @@ def test_a_reingest_parses_only_records_whose_bytes_changed(
     assert key == "C00013" and "date_of_birth" in reason
 
 
+def test_a_reingest_recognises_pages_in_any_key_order_without_rewriting_them(
+    serve_source, make_client, db, raw_pages
+):
+    # The first and last keys of each page do not bound its keys: the rest are looked up too.
+    records = [customer(n) for n in (7, 1, 30, 12, 25, 3, 19, 28, 2, 14)]
+    records += [customer(n) for n in range(31, 51)]
+    client, versions = ingested(serve_source, make_client, db, records, page_size=10)
+    counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+    assert raw_pages == [0, 0, 0]
+    assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (0, 0, 30)
+    assert row_versions(db, "customers") == versions
+
+
+def test_a_record_repeated_as_it_is_counts_once_on_every_run(
+    serve_source, make_client, db, raw_pages
+):
+    records = [customer(n) for n in range(1, 9)] + [customer(4)] + [customer(9), customer(10)]
+    client, versions = ingested(serve_source, make_client, db, records, page_size=10)
+    first = client.get("/api/ingest/runs/1").json()["resources"]["customers"]
+    assert (first["fetched"], first["inserted"]) == (11, 10)
+    counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+    assert (counts["fetched"], counts["unchanged"], counts["updated"]) == (11, 10, 0)
+    assert raw_pages == [2, 0]  # the repeated key is parsed, so that the later record wins
+    assert row_versions(db, "customers") == versions
+
+
 def stored_rows(db, table: str) -> set[tuple]:
     """Every row of ``table`` but its digests."""
     with db.cursor() as cur:
