@@ -875,7 +875,8 @@ class PageMaker:
         self, resource_name: str, page_no: int, raw: bool = False
     ) -> PreparedPage | RawPage:
         """Page ``page_no`` prepared; with ``raw``, as a :class:`RawPage` where the
-        resource's key is one column and every record's key is a string."""
+        resource's key is one column and the keys of the page's first and last records are
+        strings."""
         resource = RESOURCES[resource_name]
         # Pages of records with one text key and no parent are parsed once where valid.
         by_key = len(resource.key) == 1
