@@ -739,9 +739,13 @@ def test_records_stored_by_an_earlier_version_keep_their_api_status(
     assert client.get("/api/machines/MCH001").json()["status"] == "ERROR"
 
 
-@pytest.mark.parametrize("key", [12345, None, "C\x00NUL"])
-def test_a_key_that_cannot_be_stored_is_rejected_on_every_run(serve_source, make_client, db, key):
-    records = [*(customer(n) for n in range(1, 9)), customer(9, customer_id=key)]
+@pytest.mark.parametrize("place", [8, 4], ids=["last", "amid"])  # where a raw page's
+@pytest.mark.parametrize("key", [12345, None, "C\x00NUL"])  # keys are read: worker, writer
+def test_a_key_that_cannot_be_stored_is_rejected_on_every_run(
+    serve_source, make_client, db, key, place
+):
+    records = [customer(n) for n in range(1, 9)]
+    records.insert(place, customer(9, customer_id=key))
     client = make_client(serve_source(customers=records).url)
     for run in ("first", "again"):
         counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
