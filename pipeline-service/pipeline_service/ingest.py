@@ -540,8 +540,9 @@ class PageWriter:
         keys = self.page_keys(page.body)
         if keys is None:
             return list(range(len(digests)))
-        if min(keys) < low or max(keys) > high:
-            stored = dict(self.stored_digests(conn, min(keys), max(keys), len(keys), query))
+        least, greatest = min(keys), max(keys)
+        if least < low or greatest > high:
+            stored = dict(self.stored_digests(conn, least, greatest, len(keys), query))
         twice = repeated(keys)
         return [
             i
@@ -1142,10 +1143,6 @@ class PageTransactions:
         """Whether records may be stored already (else the table was empty at the start)."""
         self.mode = mode
 
-    def tail(self) -> Tail | None:
-        with self.engine.connect() as conn:
-            return self.writer.tail(conn)
-
     def write(self, page_no: int, page: "PreparedPage | RawPage", tail: Tail | None) -> Tail | None:
         """Store ``page`` with every page before it committed, ``tail`` being where they
         left the collection; returns the tail once it has committed."""
@@ -1366,9 +1363,9 @@ class Ingest:
             # Records of an empty table cannot be stored unchanged: no need to look for them.
             key = resource.key_columns[0]
             look_up = conn.execute(select(key).limit(1)).first() is not None
-        mode = PageMode(raw=look_up)
-        pages = PageTransactions(self.engine, run_id, resource, look_up, mode)
-        committed = pages.tail()  # as the last committed page left it
+            mode = PageMode(raw=look_up)
+            pages = PageTransactions(self.engine, run_id, resource, look_up, mode)
+            committed = pages.writer.tail(conn)  # as the last committed page left it
         ahead: deque[Ahead] = deque()
         pool = ThreadPoolExecutor(PAGES_WRITTEN_AT_ONCE, "write")
 
