@@ -276,7 +276,7 @@ _KNOWN_CHECKS = {_require_string, _storable_text, _require_iso_date, _require_ti
 def _fast_type(name: str, annotation: Any, metadata: list[Any]) -> tuple[Any, Any, Any]:
     """For a record field: the msgspec type its values decode to (as JSON gives them), the
     msgspec type the column of those values must also convert to (or None), and the pattern
-    every value must match in the body (or None). Raises TypeError for a field it cannot
+    every value must match as written (or None). Raises TypeError for a field it cannot
     translate faithfully."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, UnionType) and type(None) in args:
