@@ -447,14 +447,18 @@ class PageWriter:
         the fields' row. A line holds the row, the digest and, where the table keeps it,
         the record's ``bytes_digests`` entry (null if unknown)."""
         digests = list(map(digest, rows))
-        ends: Iterable[bytes] = itertools.repeat(b"")
-        if self.keeps_bytes_digest:
-            ends = [b",\\x%s" % b.encode() if b else b",null" for b in bytes_digests]
+        ends = self._line_ends(bytes_digests)
         # bytea in its hex form, unquoted: CSV takes the backslash as it is.
         lines = [
             b"%s,\\x%s%s" % (r, d.encode(), e) for r, d, e in zip(rows, digests, ends, strict=False)
         ]
         return lines, digests
+
+    def _line_ends(self, bytes_digests: Sequence[str | None]) -> Iterable[bytes]:
+        """What follows the digest in each line: the bytes digest, where the table keeps it."""
+        if not self.keeps_bytes_digest:
+            return itertools.repeat(b"")
+        return [b",\\x%s" % b.encode() if b else b",null" for b in bytes_digests]
 
     def stored_digests(
         self, conn: Connection, low: str, high: str, records: int, query: str
@@ -607,8 +611,12 @@ class PageWriter:
         from their :meth:`csv_rows` and ``bytes_digests``: in key order, numbered on from
         ``base``."""
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        lines, _ = self.csv_lines([rows[i] for i in order], [bytes_digests[i] for i in order])
-        numbered = list(map(b"%s,%d".__mod__, zip(lines, itertools.count(base + 1))))
+        rows = [rows[i] for i in order]
+        ends = self._line_ends([bytes_digests[i] for i in order])
+        numbered = [  # as csv_lines renders them, each with its position
+            b"%s,\\x%s%s,%d" % (r, digest(r).encode(), e, n)
+            for r, e, n in zip(rows, ends, itertools.count(base + 1))
+        ]
         lengths = list(map(len, numbered))
         return Numbered(b"\n".join(numbered), lengths, [keys[i] for i in order], base)
 

@@ -419,7 +419,7 @@ def test_positions_stay_exact_when_pages_bring_fewer_new_records_than_a_page(
     client.app.state.settings.mock_server_url = serve_source(customers=records).url
     counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
     assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (1, 1, 57)
-    kept = sorted(kept + ["C00008"])
+    kept = sorted([*kept, "C00008"])
     assert stored_positions(db) == [(key, n) for n, key in enumerate(kept, 1)]
     assert client.get("/api/customers/C00041").json()["address"] == "moved\nelsewhere"
 
