@@ -270,6 +270,9 @@ class PageValidator:
         return self.valid_values(body) is not None
 
 
+_Integer = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""An integer that the parser reads as one too: orjson reads those beyond 64 bits as floats."""
+
 _KNOWN_CHECKS = {_require_string, _storable_text, _require_iso_date, _require_timestamp}
 
 
@@ -310,12 +313,13 @@ def _fast_type(name: str, annotation: Any, metadata: list[Any]) -> tuple[Any, An
         return str, date, None
     if annotation is AwareDatetime:
         return str, Annotated[datetime, msgspec.Meta(tz=True)], _TIMESTAMP
-    # int | float keeps 5 an int, as JSON parsers do; the column must still convert to float
+    # _Integer | float keeps 5 an int, as JSON parsers do; the column must still convert to
+    # float
     if annotation is float:
-        return int | float, float, None
+        return _Integer | float, float, None
     if annotation is Decimal and digits is not None:
         max_digits, places = digits
         whole = max_digits - places
         number = rf"-?(?:0|[1-9]\d{{0,{whole - 1}}})(?:\.\d{{1,{places}}})?"
-        return int | float, None, re.compile(number)  # within its digits: always a float
+        return _Integer | float, None, re.compile(number)  # within its digits: always a float
     raise TypeError(f"field {name}: no fast-path type for {annotation!r}")

@@ -153,3 +153,12 @@ def test_the_fast_path_takes_ordinary_valid_pages(resource_name):
 )
 def test_the_fast_path_leaves_doubtful_pages_to_the_record_by_record_check(body):
     assert not RESOURCES["customers"].page_validator.all_valid(body)
+
+
+def test_an_integer_the_parser_reads_as_a_float_is_left_to_the_record_by_record_check():
+    body = (
+        b'{"data": [{"machine_id": "M001", "timestamp": "2024-06-01T08:01:00Z", '
+        b'"temperature": 70.1, "speed": -9223372036854775809, "status": "STARTED"}]}'
+    )
+    assert isinstance(parse_json(body)["data"][0]["speed"], float)
+    assert not RESOURCES["readings"].page_validator.all_valid(body)
