@@ -980,9 +980,6 @@ class PageMaker:
                 fetched.body = None
         return prepare_page(resource, writer, fetched, base)
 
-    def close(self) -> None:
-        self.client.close()
-
 
 def _worker_context() -> multiprocessing.context.BaseContext:
     """Page workers fork from a server process that has this module imported already: a
@@ -1103,24 +1100,21 @@ def _serve_pages(
     pipe closes or nobody reads the results."""
     threading.Thread(target=_exit_with_owner, args=(owner_pid,), daemon=True).start()
     maker = PageMaker(settings)
-    try:
-        while True:
-            try:
-                task = tasks.recv()
-            except EOFError:
-                return
-            try:
-                result: Any = maker(*task)
-            except Exception as exc:
-                result = exc
-            try:
-                results.send(result)
-            except BrokenPipeError:
-                return
-            except Exception as exc:  # a result or exception that does not pickle
-                results.send(RuntimeError(f"page worker: {exc!r} while sending {result!r:.200}"))
-    finally:
-        maker.close()
+    while True:
+        try:
+            task = tasks.recv()
+        except EOFError:
+            return
+        try:
+            result: Any = maker(*task)
+        except Exception as exc:
+            result = exc
+        try:
+            results.send(result)
+        except BrokenPipeError:
+            return
+        except Exception as exc:  # a result or exception that does not pickle
+            results.send(RuntimeError(f"page worker: {exc!r} while sending {result!r:.200}"))
 
 
 def _exit_with_owner(owner_pid: int) -> None:
@@ -1525,17 +1519,14 @@ class Ingest:
         enough of them to repay starting the processes, else in threads. At most a few
         pages are in memory at once."""
         maker = PageMaker(self.settings)
-        try:
-            first = maker(resource.name, start_page, mode.raw, mode.base(start_page))
-            yield start_page, first
-            last_page = math.ceil(first.total / self.page_size)
-            if not first.fetched or start_page >= last_page:
-                log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
-                return
-            pages = range(start_page + 1, last_page + 1)
-            yield from self._pages_ahead(maker, resource, pages, mode)
-        finally:
-            maker.close()
+        first = maker(resource.name, start_page, mode.raw, mode.base(start_page))
+        yield start_page, first
+        last_page = math.ceil(first.total / self.page_size)
+        if not first.fetched or start_page >= last_page:
+            log.info("%s: stopped after page %d of %d", resource.name, start_page, last_page)
+            return
+        pages = range(start_page + 1, last_page + 1)
+        yield from self._pages_ahead(maker, resource, pages, mode)
 
     def _pages_ahead(
         self, maker: PageMaker, resource: Resource, page_numbers: range, mode: "PageMode"

@@ -1,6 +1,7 @@
 """The paginated source API: one HTTP client with bounded retries (pages are walked by
 the ingest, ``Ingest._pages``)."""
 
+import http.client
 import json
 import logging
 import math
@@ -8,10 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import orjson
-import urllib3
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -26,6 +27,7 @@ from pipeline_service.config import Settings
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REQUEST_HEADERS = {"Accept": "application/json", "User-Agent": "pipeline-service"}
 
 
 class SourceError(Exception):
@@ -84,20 +86,25 @@ class SourceClient:
     JSON are retried with exponential backoff and jitter (``Retry-After`` wins when given),
     at most ``source_max_attempts`` times and ``source_give_up_seconds`` in all. Any other
     failure, such as a 400 or 404, raises :class:`SourceError` at once.
+
+    Each page is asked for on a connection of its own, through the standard library's
+    ``http.client``: a page of 1,000 records costs half the CPU time it does through
+    urllib3 (and a third of it through requests). Keeping connections alive would save a
+    loopback connect per page but need stale ones told apart from a failing source, and
+    the mock server's workers close every connection anyway. It is safe to share between
+    threads.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.mock_server_url
-        self.give_up_seconds = settings.source_give_up_seconds
-        # urllib3 itself, not requests on top of it: a page of 1,000 records costs a
-        # third of the CPU time. Retries are ours (tenacity), so urllib3 makes none.
-        self.pool = urllib3.PoolManager(
-            maxsize=8,
-            retries=False,
-            timeout=urllib3.Timeout(
-                connect=settings.source_connect_timeout, read=settings.source_read_timeout
-            ),
+        parts = urlsplit(self.base_url)
+        self._connection_class = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
+        self._host, self._port, self._path = parts.hostname or "", parts.port, parts.path
+        self.connect_timeout = settings.source_connect_timeout
+        self.read_timeout = settings.source_read_timeout
+        self.give_up_seconds = settings.source_give_up_seconds
         self._backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5)
         self._retrying = Retrying(
             retry=retry_if_exception_type(TransientSourceError),
@@ -108,43 +115,48 @@ class SourceClient:
             reraise=True,
         )
 
-    def close(self) -> None:
-        self.pool.clear()
-
     def get_page(self, path: str, page: int, limit: int, parse: bool = True) -> SourcePage:
         """One page of a collection; raises :class:`SourceError` when it cannot be had.
 
         Without ``parse`` the records are left unparsed (``records`` is None) where the
         page splits into ``raws``, and parsed as usual otherwise.
         """
-        url = f"{self.base_url}{path}"
-        params = {"page": page, "limit": limit}
-        body, payload, split = self._retrying.copy()(self._get_json, url, params, parse)
+        query = f"{path}?page={page}&limit={limit}"
+        body, payload, split = self._retrying.copy()(self._get_json, query, parse)
         if payload is None:
             return SourcePage(records=None, total=split.total, body=body, raws=split.data)
-        fetched = _parse_page(f"{url}?page={page}&limit={limit}", payload)
+        fetched = _parse_page(f"{self.base_url}{query}", payload)
         fetched.body = body
         if split is not None and len(split.data) == len(fetched.records):
             fetched.raws = split.data
         return fetched
 
-    def _get_json(
-        self, url: str, params: dict[str, int], parse: bool
-    ) -> tuple[bytes, Any, _Envelope | None]:
-        shown = f"{url}?page={params['page']}&limit={params['limit']}"
+    def _get_json(self, query: str, parse: bool) -> tuple[bytes, Any, _Envelope | None]:
+        shown = f"{self.base_url}{query}"
+        connection = self._connection_class(self._host, self._port, timeout=self.connect_timeout)
         try:
-            response = self.pool.request("GET", url, fields=params)
-        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.TimeoutError) as exc:
-            raise TransientSourceError(shown, _short(exc)) from exc
-        except urllib3.exceptions.HTTPError as exc:
-            # a body cut short, a connection reset mid-body, a bad encoding, ...
-            raise TransientSourceError(shown, f"broken response: {_short(exc)}") from exc
-        body = response.data
+            try:
+                connection.connect()
+            except OSError as exc:  # refused, unreachable, timed out, no such host
+                raise TransientSourceError(shown, f"cannot connect: {_short(exc)}") from exc
+            connection.sock.settimeout(self.read_timeout)
+            try:
+                connection.request("GET", f"{self._path}{query}", headers=REQUEST_HEADERS)
+                response = connection.getresponse()
+                body = response.read()
+            except TimeoutError as exc:
+                cause = f"no answer within {self.read_timeout:g} s"
+                raise TransientSourceError(shown, cause) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                # a body cut short, a connection reset mid-answer, a malformed answer, ...
+                raise TransientSourceError(shown, f"broken response: {_short(exc)}") from exc
+        finally:
+            connection.close()
         if response.status in RETRY_STATUSES:
             raise TransientSourceError(
                 shown,
                 f"answered HTTP {response.status}",
-                retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
+                retry_after=_retry_after_seconds(response.getheader("Retry-After")),
             )
         if response.status != 200:
             raise SourceError(shown, f"answered HTTP {response.status}: {body[:200]!r}")

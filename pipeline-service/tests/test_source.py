@@ -183,3 +183,24 @@ def test_a_page_that_is_not_utf8_is_broken_json_whether_parsed_or_split(invalid_
     )
     with pytest.raises(TransientSourceError, match="invalid JSON"):
         client.get_page("/api/customers", 1, 10, parse=parse)
+
+
+@pytest.fixture
+def silent_source() -> Iterator[str]:
+    """A loopback port that takes connections (the kernel completes them) but never answers."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_source_that_never_answers_times_out_on_every_attempt(silent_source):
+    client = SourceClient(
+        settings_for(silent_source, source_max_attempts=2, source_read_timeout=0.3)
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientSourceError, match=r"no answer within 0\.3 s"):
+        client.get_page("/api/customers", 1, 10)
+    assert 0.6 <= time.monotonic() - started < 5
