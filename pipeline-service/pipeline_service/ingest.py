@@ -10,8 +10,9 @@ Guarantees:
 
 How: worker processes fetch, validate and render pages ahead (:class:`PageMaker`) while
 this process writes them in order (:class:`PageWriter`): a page of new keys that all sort
-after the stored ones with one COPY into the table, any other page with COPY into a
-temporary table and one ``INSERT ... ON CONFLICT``. On a re-ingest the workers send pages
+after the stored ones with one COPY into the table (its lines numbered with positions by
+the worker, :class:`Numbered`), any other page with COPY into a temporary table and one
+``INSERT ... ON CONFLICT``. On a re-ingest the workers send pages
 unparsed instead (:class:`RawPage`), and only the records whose bytes are not the stored
 ones are parsed, validated and rendered here. Two pages are written at once, each on its
 own connection, while the earlier one's outcome is foreseeable
@@ -764,7 +765,8 @@ def storable_json(value: Any) -> tuple[Any, bool]:
 
 class Columns(NamedTuple):
     """Records made ready to store, field by field of :class:`Prepared`: the form in which
-    they leave a worker process (a list of named tuples pickles several times slower)."""
+    those of a collection without positions leave a worker process (a list of named tuples
+    pickles several times slower); see :class:`Numbered` for the others."""
 
     keys: list[tuple]
     lines: list[bytes]
@@ -782,10 +784,9 @@ class Columns(NamedTuple):
 
 class Numbered(NamedTuple):
     """Records of a positioned collection made ready to store, in the form in which they
-    leave a worker process: one buffer, which pickles a hundred times faster than a line per
-    record, and which an append sends to PostgreSQL as it is
-    (:meth:`PageWriter.plan_append`) when the collection's tail is where the page's asker
-    expected it."""
+    leave a worker process: one buffer, which pickles far faster than a line per record,
+    and which an append sends to PostgreSQL as it is (:meth:`PageWriter.plan_append`) when
+    the collection's tail is where the page's asker expected it."""
 
     data: bytes
     """Their CSV lines in key order, each a :meth:`PageWriter.csv_lines` line and its
