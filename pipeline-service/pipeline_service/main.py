@@ -4,7 +4,7 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
 from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
@@ -44,9 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reads = ReadPools(settings)
     install_error_handlers(app)
     app.add_middleware(RequestLimits)
-    api = APIRouter(prefix="/api")
     for module in (health, ingest, records, telemetry):
-        api.include_router(module.router)
-    app.include_router(api)
+        # Each straight into the app: every level of included routers is matched again on
+        # every request.
+        app.include_router(module.router, prefix="/api")
     document_error_responses(app)
     return app
