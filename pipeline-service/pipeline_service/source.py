@@ -88,11 +88,11 @@ class SourceClient:
     failure, such as a 400 or 404, raises :class:`SourceError` at once.
 
     Each page is asked for on a connection of its own, through the standard library's
-    ``http.client``: a page of 1,000 records costs half the CPU time it does through
-    urllib3 (and a third of it through requests). Keeping connections alive would save a
-    loopback connect per page but need stale ones told apart from a failing source, and
-    the mock server's workers close every connection anyway. It is safe to share between
-    threads.
+    ``http.client``: fetching and splitting a page of 1,000 records costs ~0.4 ms less CPU
+    than through urllib3 (~1.2 against ~1.6 ms), and urllib3 a third of what requests
+    does. Keeping connections alive would save a loopback connect per page but need stale
+    ones told apart from a failing source, and the mock server's workers close every
+    connection anyway. It is safe to share between threads.
     """
 
     def __init__(self, settings: Settings) -> None:
