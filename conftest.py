@@ -208,7 +208,12 @@ def make_client(database_url: str) -> Iterator[Callable[..., Any]]:
 
     clients: list[TestClient] = []
 
-    def make(source_url: str = "http://127.0.0.1:9", **overrides: Any) -> TestClient:
+    def make(
+        source_url: str = "http://127.0.0.1:9",
+        edit_app: Callable[[Any], None] | None = None,
+        **overrides: Any,
+    ) -> TestClient:
+        """``edit_app`` may change the app before it serves its first request."""
         settings = Settings(
             _env_file=None,
             **{
@@ -218,7 +223,10 @@ def make_client(database_url: str) -> Iterator[Callable[..., Any]]:
                 **overrides,
             },
         )
-        client = TestClient(create_app(settings), raise_server_exceptions=False)
+        app = create_app(settings)
+        if edit_app is not None:
+            edit_app(app)
+        client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
         return client

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from pipeline_service.api.fast_reads import FastReads
 from pipeline_service.api.routes import health, ingest, records, telemetry
 from pipeline_service.config import Settings, get_settings
 from pipeline_service.db import ReadPools, create_db_engine
@@ -14,6 +15,8 @@ from pipeline_service.ingest import start_worker_server
 from pipeline_service.limits import RequestLimits
 
 log = logging.getLogger(__name__)
+
+API_PREFIX = "/api"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -43,10 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = create_db_engine(settings)
     app.state.reads = ReadPools(settings)
     install_error_handlers(app)
+    # The last added runs first: the request limits apply to the fast lane too.
+    app.add_middleware(FastReads, reads=app.state.reads, prefix=API_PREFIX)
     app.add_middleware(RequestLimits)
     for module in (health, ingest, records, telemetry):
         # Each straight into the app: every level of included routers is matched again on
         # every request.
-        app.include_router(module.router, prefix="/api")
+        app.include_router(module.router, prefix=API_PREFIX)
     document_error_responses(app)
     return app

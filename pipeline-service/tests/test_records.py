@@ -5,6 +5,8 @@ from datetime import datetime
 from decimal import Decimal
 
 import pytest
+from pipeline_service.api.fast_reads import FastReads, plain_paging
+from starlette.middleware import Middleware
 
 from conftest import SAMPLE_DATA_DIR, customer, load_sample, machine, reading
 
@@ -155,6 +157,107 @@ def test_ids_with_odd_characters_are_looked_up_exactly(serve_source, make_client
         response = client.get(f"/api/customers/{quote(record_id, safe='')}")
         assert response.status_code == 200, record_id
         assert response.json()["customer_id"] == record_id
+
+
+FAST_LANE_ROUTES = {"list_customers", "get_customer", "list_machines", "get_machine"}
+PLAIN_READS = [
+    "/api/customers",
+    "/api/customers?page=2&limit=5",
+    "/api/customers?limit=4&page=3",
+    "/api/customers?limit=1000",
+    "/api/customers?page=10000000&limit=1000",
+    "/api/machines?page=1&limit=3",
+    "/api/customers/a%20b",
+    "/api/customers/%C3%BCn%C3%AF",
+    "/api/machines/M003",
+]
+OTHER_READS = [
+    "/api/customers?page=01",
+    "/api/customers?page=2&page=3",
+    "/api/customers?page=2&",
+    "/api/customers?page=0",
+    "/api/customers?limit=1001",
+    "/api/customers?page=10000001",
+    "/api/customers?page=%32",
+    "/api/customers?page=2&limit=5&color=blue",
+    "/api/customers?limit=5&after=WyJDMDAwMDUiXQ",
+    "/api/customers/NOPE",
+    "/api/customers/a%20b?x=1",
+    "/api/customers/",
+    "/api/customers/a%2Fb",
+]
+
+
+@pytest.fixture
+def fast_lane_source(serve_source):
+    customers = [customer(n) for n in range(1, 24)]
+    customers += [customer(0, customer_id=i) for i in ("a b", "ünï")]
+    return serve_source(customers=customers, machines=[machine(n) for n in range(1, 8)])
+
+
+def _without_fast_lane(app) -> None:
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not FastReads]
+
+
+def test_the_fast_lane_answers_as_the_routes_do(fast_lane_source, make_client):
+    with_lane = make_client(fast_lane_source.url)
+    routes_only = make_client(fast_lane_source.url, edit_app=_without_fast_lane)
+    assert with_lane.post("/api/ingest?resource=customers").status_code == 200
+    assert with_lane.post("/api/ingest?resource=machines").status_code == 200
+    for path in PLAIN_READS + OTHER_READS:
+        ours, theirs = with_lane.get(path), routes_only.get(path)
+        assert ours.status_code == theirs.status_code, path
+        assert ours.headers["content-type"] == theirs.headers["content-type"], path
+        assert ours.content == theirs.content, path
+
+
+def test_the_fast_lane_takes_plain_reads_only(fast_lane_source, make_client):
+    passed_on: list[str] = []
+
+    class RecordPassedOn:
+        """Sits right inside the lane and notes each request the lane passed on."""
+
+        def __init__(self, app) -> None:
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] == "http":
+                passed_on.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    client = make_client(
+        fast_lane_source.url,
+        edit_app=lambda app: app.user_middleware.append(Middleware(RecordPassedOn)),
+    )
+    assert client.post("/api/ingest?resource=customers").status_code == 200
+    assert client.post("/api/ingest?resource=machines").status_code == 200
+    for path in PLAIN_READS + OTHER_READS:
+        before = len(passed_on)
+        client.get(path)
+        assert (len(passed_on) > before) == (path in OTHER_READS), path
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"", (1, 10)),
+        (b"page=2&limit=5", (2, 5)),
+        (b"limit=1000&page=10000000", (10_000_000, 1000)),
+        (b"page=0", None),
+        (b"page=01", None),
+        (b"page=-1", None),
+        (b"page=1&page=1", None),
+        (b"page=10000001", None),
+        (b"limit=1001", None),
+        (b"page=1&", None),
+        (b"page", None),
+        (b"Page=1", None),
+        (b"page=%31", None),
+        (b"page=1&after=x", None),
+    ],
+)
+def test_plain_paging_takes_only_plain_numbers_within_bounds(query, expected):
+    assert plain_paging(query) == expected
 
 
 def test_machine_readings_time_window_is_inclusive(sample_client):

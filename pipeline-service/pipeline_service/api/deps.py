@@ -8,7 +8,16 @@ from fastapi import Depends, Header, HTTPException, Query, Request
 from pipeline_service.config import Settings
 from pipeline_service.db import SessionDep
 
-__all__ = ["LimitParam", "PageParam", "SessionDep", "SettingsDep", "require_api_key"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "MAX_PAGE",
+    "LimitParam",
+    "PageParam",
+    "SessionDep",
+    "SettingsDep",
+    "require_api_key",
+]
 
 
 def get_settings_from_app(request: Request) -> Settings:
@@ -17,8 +26,11 @@ def get_settings_from_app(request: Request) -> Settings:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
 
-PageParam = Annotated[int, Query(ge=1, le=10_000_000, description="1-based page number")]
-LimitParam = Annotated[int, Query(ge=1, le=1000, description="Records per page")]
+MAX_PAGE = 10_000_000
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 10
+PageParam = Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number")]
+LimitParam = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Records per page")]
 
 
 def require_api_key(

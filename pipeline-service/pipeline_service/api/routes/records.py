@@ -5,7 +5,8 @@ and its records see one snapshot) run on the event loop through asyncpg. Page P 
 top-level collection is a range seek on ``position`` and its total a one-row read (both
 kept exact by the ingest), so the last page costs what the first does. Clients that walk
 everything can follow ``next``, an opaque ``after`` cursor that stays correct while records
-are being added.
+are being added. The plainest of these reads are answered by ``api/fast_reads.py`` with the
+same functions, before FastAPI's routing; these routes define them and answer the rest.
 """
 
 import base64
@@ -20,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import Connection, DateTime, select
 from sqlalchemy.orm import Session
 
-from pipeline_service.api.deps import LimitParam, PageParam
+from pipeline_service.api.deps import DEFAULT_LIMIT, LimitParam, PageParam
 from pipeline_service.resources import MACHINES, READINGS, RESOURCES, Resource
 from pipeline_service.schemas import ErrorBody, Page
 
@@ -206,7 +207,10 @@ def add_collection_routes(resource: Resource) -> None:
         tags=[resource.name],
     )
     async def list_records(
-        request: Request, page: PageParam = 1, limit: LimitParam = 10, after: AfterParam = None
+        request: Request,
+        page: PageParam = 1,
+        limit: LimitParam = DEFAULT_LIMIT,
+        after: AfterParam = None,
     ) -> Response:
         async with request.app.state.reads.connection() as conn:
             (order,) = resource.key
@@ -291,7 +295,7 @@ async def list_machine_readings(
     machine_id: str,
     request: Request,
     page: PageParam = 1,
-    limit: LimitParam = 10,
+    limit: LimitParam = DEFAULT_LIMIT,
     start: FromParam = None,
     end: ToParam = None,
     after: AfterParam = None,

@@ -15,7 +15,13 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
 
 from pipeline_service import events, telemetry
-from pipeline_service.api.deps import LimitParam, PageParam, SessionDep, require_api_key
+from pipeline_service.api.deps import (
+    DEFAULT_LIMIT,
+    LimitParam,
+    PageParam,
+    SessionDep,
+    require_api_key,
+)
 from pipeline_service.api.routes.records import FromParam, ToParam, require_machine, time_window
 from pipeline_service.events import ListenerLost, MachineListener
 from pipeline_service.limits import MAX_BODY_BYTES
@@ -283,7 +289,7 @@ def status_history(
     request: Request,
     session: SessionDep,
     page: PageParam = 1,
-    limit: LimitParam = 10,
+    limit: LimitParam = DEFAULT_LIMIT,
 ) -> dict:
     require_machine(session, machine_id)
     answer = telemetry.status_history(session, machine_id, page, limit)
