@@ -157,11 +157,14 @@ class Stack:
 
     def __init__(self, stack: ExitStack, server_url: str, data_dir: Path, name: str) -> None:
         self.admin_url = server_url
+        self._drop_database(name)
         with closing(psycopg2.connect(server_url)) as conn:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 cur.execute(f'CREATE DATABASE "{name}"')
+        # Dropped once the processes have stopped (callbacks run last first): left behind,
+        # its tables would be vacuumed by autovacuum while the next size is measured.
+        stack.callback(self._drop_database, name)
         self.database_url = with_database(server_url, name)
         env = os.environ | {"DATABASE_URL": self.database_url}
         subprocess.run(
@@ -200,6 +203,12 @@ class Stack:
         # would look slower than it is.
         wait_idle([self.mock.pid, self.pipeline.pid])
 
+    def _drop_database(self, name: str) -> None:
+        with closing(psycopg2.connect(self.admin_url)) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     @staticmethod
     def _stop(process: subprocess.Popen) -> None:
         if process.poll() is None:
@@ -226,6 +235,15 @@ class Stack:
             conn.autocommit = True
             with conn.cursor() as cur:
                 cur.execute("CHECKPOINT")
+
+    def settle(self, table: str) -> None:
+        """VACUUM (ANALYZE) ``table``, as autovacuum would soon after a load, so that it
+        does not do so in the middle of a measurement (it did, during the load test, on
+        some runs: a vacuum of a million rows takes seconds of CPU on a 2-core machine)."""
+        with closing(psycopg2.connect(self.database_url)) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"VACUUM (ANALYZE) {table}")
 
     def current_xid(self) -> int:
         with closing(psycopg2.connect(self.database_url)) as conn, conn.cursor() as cur:
@@ -272,20 +290,27 @@ class Stack:
         return pages / (time.perf_counter() - started)
 
 
-def latencies_ms(base_url: str, paths: list[str]) -> tuple[float, float]:
+def latencies_ms(base_url: str, *series: list[str]) -> list[tuple[float, float]]:
+    """p50 and p99 in ms of each of ``series`` of paths, asked one request at a time on one
+    keep-alive connection, taking the series in turn (their first paths, then their
+    second ones, ...) so that a slow spell of the machine weighs on each alike."""
     host, port = base_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port))
-    samples = []
-    for path in paths:
-        started = time.perf_counter()
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        samples.append((time.perf_counter() - started) * 1000)
-        assert response.status == 200, (path, response.status)
+    samples: list[list[float]] = [[] for _ in series]
+    for paths in zip(*series, strict=True):
+        for taken, path in zip(samples, paths, strict=True):
+            started = time.perf_counter()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            taken.append((time.perf_counter() - started) * 1000)
+            assert response.status == 200, (path, response.status)
     conn.close()
-    samples.sort()
-    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+    figures = []
+    for taken in samples:
+        taken.sort()
+        figures.append((statistics.median(taken), taken[int(len(taken) * 0.99) - 1]))
+    return figures
 
 
 LOAD_SCRIPT = """
@@ -398,13 +423,16 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
         if not full:
             return result
 
+        s.settle("customers")
         pages = size // 100
         first, last = "/api/customers?page=1&limit=100", f"/api/customers?page={pages}&limit=100"
-        result["get_first_page_ms"] = latencies_ms(s.url, [first] * 300)
-        result["get_last_page_ms"] = latencies_ms(s.url, [last] * 300)
         rng = random.Random(2)
         ids = [f"/api/customers/CUST{rng.randint(1, size):08d}" for _ in range(300)]
-        result["get_single_ms"] = latencies_ms(s.url, ids)
+        (
+            result["get_first_page_ms"],
+            result["get_last_page_ms"],
+            result["get_single_ms"],
+        ) = latencies_ms(s.url, [first] * 300, [last] * 300, ids)
         print("   serving latencies measured; load test (16 clients, 10 s each) ...", flush=True)
         result["load_pages"] = load_test(s.url, "/api/customers?page=%d&limit=100", pages)
         result["load_single"] = load_test(s.url, "/api/customers/CUST%08d", size)
@@ -417,9 +445,10 @@ def measure(server_url: str, size: int, readings: int, full: bool, workdir: Path
             seconds, body = s.ingest("readings")
             result["readings"] = readings
             result["readings_ingest_s"] = seconds
+            s.settle("machine_readings")
             base = "/api/machines/BENCH01"
-            result["stats_ms"] = latencies_ms(s.url, [f"{base}/stats?metric=temperature"] * 20)
-            result["moving_average_ms"] = latencies_ms(
+            (result["stats_ms"],) = latencies_ms(s.url, [f"{base}/stats?metric=temperature"] * 20)
+            (result["moving_average_ms"],) = latencies_ms(
                 s.url, [f"{base}/moving-average?window=5"] * 200
             )
     return result

@@ -74,10 +74,11 @@ class ReadPools:
     demand; one that PostgreSQL dropped (a restart) fails its statement once and is replaced.
     """
 
-    def __init__(self, settings: Settings, max_size: int = 10) -> None:
+    def __init__(self, settings: Settings, max_size: int = 10, acquire_timeout: float = 10) -> None:
         url = make_url(settings.database_url).set(drivername="postgresql")
         self.dsn = url.render_as_string(hide_password=False)
         self.max_size = max_size
+        self.acquire_timeout = acquire_timeout
         self._pools: dict[asyncio.AbstractEventLoop, asyncpg.Pool] = {}
 
     async def open(self) -> None:
@@ -111,7 +112,7 @@ class ReadPools:
         """
         pool = self._pools[asyncio.get_running_loop()]
         try:
-            async with pool.acquire(timeout=10) as conn:
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
                 yield conn
         except TimeoutError as exc:  # before OSError, of which it is a subclass
             raise DatabaseBusy() from exc

@@ -63,8 +63,11 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     return error_response(503, UNAVAILABLE)
 
 
+BUSY = "database busy: no connection free; try again shortly"
+
+
 async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(503, "database busy: no connection free; try again shortly")
+    return error_response(503, BUSY)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,6 +1,7 @@
 """Re-serving stored records: pagination, lookups, bad parameters, fidelity to the source."""
 
 import asyncio
+import time
 from datetime import datetime
 from decimal import Decimal
 
@@ -235,6 +236,36 @@ def test_the_fast_lane_takes_plain_reads_only(fast_lane_source, make_client):
         before = len(passed_on)
         client.get(path)
         assert (len(passed_on) > before) == (path in OTHER_READS), path
+
+
+def test_reads_answer_503_once_when_no_connection_comes_free(fast_lane_source, make_client):
+    wait = 2.0
+
+    def one_connection(app) -> None:
+        app.state.reads.max_size, app.state.reads.acquire_timeout = 1, wait
+
+    client = make_client(fast_lane_source.url, edit_app=one_connection)
+    assert client.post("/api/ingest?resource=customers").status_code == 200
+    reads = client.app.state.reads
+
+    async def take_it():
+        held = reads.connection()
+        await held.__aenter__()
+        return held
+
+    held = client.portal.call(take_it)
+    try:
+        # A plain read (the fast lane) and one the route answers.
+        for path in ("/api/customers?page=1&limit=5", "/api/customers?page=1&limit=5&x=1"):
+            started = time.monotonic()
+            response = client.get(path)
+            waited = time.monotonic() - started
+            assert response.status_code == 503, path
+            assert response.json()["error"].startswith("database busy"), path
+            assert wait <= waited < 2 * wait, path  # one wait, not the lane's and the route's
+    finally:
+        client.portal.call(held.__aexit__, None, None, None)
+    assert client.get("/api/customers?page=1&limit=5").status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,11 @@ FastAPI's per-request machinery (routing through each layer, solving dependencie
 validating parameters) costs the server as much CPU as such a read itself. This middleware
 answers the plainest form of those requests, ``GET /api/customers?page=P&limit=L`` and
 ``GET /api/customers/<id>`` (likewise for machines), with the functions the routes in
-``records.py`` call. It only ever answers with a page or a record: every other request,
-anything malformed or unusual, a missing record and a database error included, goes on to
-FastAPI as it came, so the routes stay the one definition of the API's parameters, errors
-and documentation.
+``records.py`` call. It only ever answers with a page, a record, or the 503 of a pool with
+no connection free (asking the route would wait as long again): every other request,
+anything malformed or unusual, a missing record and an unreachable database included, goes
+on to FastAPI as it came, so the routes stay the one definition of the API's parameters,
+errors and documentation.
 """
 
 import re
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline_service.api.deps import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE
 from pipeline_service.api.routes.records import json_page, json_record
 from pipeline_service.db import DatabaseBusy, DatabaseUnavailable, ReadPools
+from pipeline_service.errors import BUSY, error_response
 from pipeline_service.resources import RESOURCES
 
 _PLAIN_NUMBER = re.compile(rb"[1-9][0-9]{0,7}")
@@ -56,9 +58,11 @@ class FastReads:
         if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
             try:
                 response = await self._answer(scope)
-            except (HTTPException, DatabaseBusy, DatabaseUnavailable):
-                # FastAPI's routes answer these as they always do (a 404, a 503), or succeed
-                # on a fresh connection after a restart of PostgreSQL.
+            except DatabaseBusy:
+                response = error_response(503, BUSY)
+            except (HTTPException, DatabaseUnavailable):
+                # The routes answer these as they always do (a 404, a 503), or succeed on a
+                # fresh connection after a restart of PostgreSQL.
                 response = None
             if response is not None:
                 await response(scope, receive, send)
