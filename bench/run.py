@@ -238,8 +238,8 @@ class Stack:
 
     def settle(self, table: str) -> None:
         """VACUUM (ANALYZE) ``table``, as autovacuum would soon after a load, so that it
-        does not do so in the middle of a measurement (it did, during the load test, on
-        some runs: a vacuum of a million rows takes seconds of CPU on a 2-core machine)."""
+        does not do so in the middle of a measurement (it did, through the load test, in
+        one run: a vacuum of a million rows takes seconds of CPU on a 2-core machine)."""
         with closing(psycopg2.connect(self.database_url)) as conn:
             conn.autocommit = True
             with conn.cursor() as cur:
