@@ -313,8 +313,7 @@ def _fast_type(name: str, annotation: Any, metadata: list[Any]) -> tuple[Any, An
         return str, date, None
     if annotation is AwareDatetime:
         return str, Annotated[datetime, msgspec.Meta(tz=True)], _TIMESTAMP
-    # _Integer | float keeps 5 an int, as JSON parsers do; the column must still convert to
-    # float
+    # _Integer | float keeps 5 an int, as JSON parsers do (the column still converts to float)
     if annotation is float:
         return _Integer | float, float, None
     if annotation is Decimal and digits is not None:

@@ -160,7 +160,6 @@ def test_ids_with_odd_characters_are_looked_up_exactly(serve_source, make_client
         assert response.json()["customer_id"] == record_id
 
 
-FAST_LANE_ROUTES = {"list_customers", "get_customer", "list_machines", "get_machine"}
 PLAIN_READS = [
     "/api/customers",
     "/api/customers?page=2&limit=5",
