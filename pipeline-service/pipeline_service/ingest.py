@@ -14,8 +14,9 @@ after the stored ones with one COPY into the table (its lines numbered with posi
 the worker, :class:`Numbered`), any other page with COPY into a temporary table and one
 ``INSERT ... ON CONFLICT``. On a re-ingest the workers send pages
 unparsed instead (:class:`RawPage`), and only the records whose bytes are not the stored
-ones are parsed, validated and rendered here. Two pages are written at once, each on its
-own connection, while the earlier one's outcome is foreseeable
+ones are parsed, validated and rendered here. While a page's outcome is foreseeable, it
+is written on a thread of its own as the next page arrives, and up to
+:data:`PAGES_WRITTEN_AT_ONCE` pages so, each on its own connection
 (:meth:`PageTransactions.write_ahead`): they commit in page order, and a page whose outcome
 turns out otherwise is rolled back and written again in turn.
 """
@@ -73,8 +74,12 @@ log = logging.getLogger(__name__)
 INGEST_LOCK_ID = 0x1A6E_57  # pg advisory lock key shared by every pipeline process
 WORKER_PROCESSES_MIN_PAGES = 8
 """Fewer pages left than this are prepared in threads: starting worker processes costs more."""
-PAGES_WRITTEN_AT_ONCE = 2
-"""Pages written at the same time, each in its own transaction (see :class:`Ahead`)."""
+PAGES_WRITTEN_AT_ONCE = 1
+"""Pages written at the same time, each in its own transaction (see :class:`Ahead`). Two
+COPYs appending to one table at once cost PostgreSQL more CPU than they save (both insert
+at the right edge of the same indexes). Ingests of a million, four of each, alternating:
+PostgreSQL's CPU 3.13-3.24 s with two, 2.86-3.05 s with one; 4.21 s against 4.03 s
+(means). A re-ingest, which only reads, took as long either way."""
 
 digest = xxh3_128_hexdigest
 """The digest by which a stored record is recognised, of its fields' CSV row or of its
@@ -371,6 +376,13 @@ class PageWriter:
             self.read_digests = read(digests)
             if self.keeps_bytes_digest:
                 self.read_bytes_digests = read(["source_bytes_hash"])
+                # :func:`page_digest` of the byte digests stored in a range of keys, in key
+                # order (which the primary key's scan gives without a sort).
+                self.read_page_digest = (
+                    "SELECT count(*), sha256(string_agg(h, '' ORDER BY k)) FROM ("
+                    f'SELECT "{k}" AS k, source_bytes_hash AS h FROM "{target}" '
+                    f'WHERE "{k}" BETWEEN %(low)s AND %(high)s ORDER BY "{k}" LIMIT %(most)s) s'
+                )
             renewed = ["source_hash = decode(v.digest, 'hex')"]
             if self.keeps_bytes_digest:
                 renewed.append(
@@ -535,6 +547,17 @@ class PageWriter:
         occurs twice is always among them, so that the later record wins."""
         digests = page.bytes_digests
         low, high = page.bounds
+        # The usual case in one row: the rows stored between the page's first and last
+        # keys carry, in key order, the page's byte digests in page order (a source
+        # usually serves its records in key order). Then the page's digests are distinct
+        # (keys are stored once, and a record's bytes hold its key) and each is a stored
+        # one, so each record is stored as it is; otherwise the rows are read one by one.
+        bounds = {"low": low, "high": high, "most": len(digests) + 1}
+        with closing(conn.connection.dbapi_connection.cursor()) as cursor:
+            cursor.execute(self.read_page_digest, bounds)
+            rows, stored = cursor.fetchone()  # bytea comes as a memoryview, or None
+        if rows == len(digests) and stored is not None and bytes(stored) == page.page_digest:
+            return []
         query = self.read_bytes_digests
         stored = dict(self.stored_digests(conn, low, high, len(digests), query))
         # A row's digest is that of the very bytes it was stored from, its key among them,
@@ -866,10 +889,18 @@ class RawPage:
     bytes_digests: list[str]
     body: bytes
     """Whole, not split into records: one buffer travels from a worker far cheaper."""
+    page_digest: bytes
+    """:func:`page_digest` of :attr:`bytes_digests`."""
 
     @property
     def fetched(self) -> int:
         return len(self.bytes_digests)
+
+
+def page_digest(bytes_digests: Sequence[str]) -> bytes:
+    """SHA-256 of the 16-byte digests given in hex, one after the other: one value for a
+    page's records, which :attr:`PageWriter.read_page_digest` computes alike from rows."""
+    return hashlib.sha256(bytes.fromhex("".join(bytes_digests))).digest()
 
 
 def prepare_page(
@@ -972,7 +1003,8 @@ class PageMaker:
         if fetched.records is None:
             bounds = writer.key_bounds(fetched.raws) if raw and fetched.raws else None
             if bounds is not None:
-                return RawPage(fetched.total, bounds, bytes_digests(fetched), fetched.body)
+                digests = bytes_digests(fetched)
+                return RawPage(fetched.total, bounds, digests, fetched.body, page_digest(digests))
             values = resource.page_validator.valid_values(fetched.body) if by_values else None
             if values is not None:
                 return prepare_values(resource, writer, fetched, values, base)
@@ -1462,8 +1494,9 @@ class Ingest:
     def _ingest_resource(self, run_id: int, resource: Resource, start_page: int) -> None:
         """Store every page of ``resource`` from ``start_page`` on, in page order. While
         a page's outcome can be foreseen (new keys after the stored ones; on a re-ingest,
-        records stored as they are, as those of the last raw page were), the next page is
-        written beside it, on another connection; see :meth:`PageTransactions.write_ahead`."""
+        records stored as they are, as those of the last raw page were), it is written on a
+        thread while the next page arrives, beside up to :data:`PAGES_WRITTEN_AT_ONCE` - 1
+        pages before it still writing; see :meth:`PageTransactions.write_ahead`."""
         with self.engine.connect() as conn:
             # Records of an empty table cannot be stored unchanged: no need to look for them.
             key = resource.key_columns[0]

@@ -351,6 +351,7 @@ def test_failed_run_resumes_from_its_last_committed_page(serve_source, make_clie
 def test_a_page_written_ahead_commits_only_after_the_page_before_it(
     serve_source, make_client, db, monkeypatch
 ):
+    monkeypatch.setattr(ingest, "PAGES_WRITTEN_AT_ONCE", 2)
     records = [customer(n) for n in range(1, 51)]
     client = make_client(serve_source(customers=records).url, ingest_page_size=10)
     fourth_copied = threading.Event()
@@ -679,6 +680,33 @@ def test_a_reingest_parses_only_records_whose_bytes_changed(
         cur.execute("SELECT record_key, reason FROM rejected_records")
         ((key, reason),) = cur.fetchall()
     assert key == "C00013" and "date_of_birth" in reason
+
+
+def test_a_page_stored_as_it_is_is_recognised_by_one_digest_of_its_records(
+    serve_source, make_client, db, raw_pages, monkeypatch
+):
+    records = [customer(n) for n in range(1, 41)]
+    client, versions = ingested(serve_source, make_client, db, records, page_size=10)
+    looked_up = set()  # key ranges whose stored byte digests were read record by record
+    read_per_record = PageWriter.stored_digests
+
+    def recording(writer, conn, low, high, records, query):
+        if query == writer.read_bytes_digests:
+            looked_up.add((low, high))
+        return read_per_record(writer, conn, low, high, records, query)
+
+    monkeypatch.setattr(PageWriter, "stored_digests", recording)
+    second = list(records)
+    second[14] = customer(15, first_name="Changed")  # page 2
+    del second[25]  # page 3 (C00021-C00031) lacks C00026, which is stored in its range
+    client.app.state.settings.mock_server_url = serve_source(customers=second).url
+    counts = client.post("/api/ingest?resource=customers").json()["resources"]["customers"]
+
+    assert looked_up == {("C00011", "C00020"), ("C00021", "C00031")}
+    assert raw_pages == [0, 1, 0, 0]
+    assert (counts["updated"], counts["unchanged"], counts["pages"]) == (1, 38, 4)
+    changed = {k for k, v in row_versions(db, "customers").items() if versions[k] != v}
+    assert changed == {("C00015",)}
 
 
 def test_a_reingest_recognises_pages_in_any_key_order_without_rewriting_them(
