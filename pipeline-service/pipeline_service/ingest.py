@@ -555,8 +555,8 @@ class PageWriter:
         bounds = {"low": low, "high": high, "most": len(digests) + 1}
         with closing(conn.connection.dbapi_connection.cursor()) as cursor:
             cursor.execute(self.read_page_digest, bounds)
-            rows, stored = cursor.fetchone()  # bytea comes as a memoryview, or None
-        if rows == len(digests) and stored is not None and bytes(stored) == page.page_digest:
+            rows, stored_digest = cursor.fetchone()  # bytea comes as a memoryview, or None
+        if rows == len(digests) and bytes(stored_digest or b"") == page.page_digest:
             return []
         query = self.read_bytes_digests
         stored = dict(self.stored_digests(conn, low, high, len(digests), query))
